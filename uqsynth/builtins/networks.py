@@ -1,0 +1,15 @@
+"""Built-in networks: the pix2pix U-Net generator and the 70x70 PatchGAN."""
+
+from uqsynth.hookspecs import hookimpl
+from uqsynth.models.patchgan import PatchGANDiscriminator
+from uqsynth.models.unet import UnetGenerator
+
+
+@hookimpl
+def uqsynth_register_generators(register):
+    register("unet", UnetGenerator)
+
+
+@hookimpl
+def uqsynth_register_discriminators(register):
+    register("patchgan", PatchGANDiscriminator)

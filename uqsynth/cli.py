@@ -1,0 +1,115 @@
+"""The ``uqsynth`` command line.
+
+User errors (a missing file, bad TOML, an unknown plugin, a bad value) print
+one ``error: ...`` line and exit with status 2; ``--debug`` adds the
+traceback. Stages that do not exist yet say so and exit with status 3.
+Anything else is a bug: status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+
+import uqsynth
+from uqsynth.errors import StageNotImplemented, UserError
+
+EXIT_USER_ERROR = 2
+EXIT_NOT_IMPLEMENTED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with uqsynth's one-line ``error:`` convention."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    parser = _Parser(prog="uqsynth", description=__doc__.splitlines()[0], parents=[common])
+    parser.add_argument("--version", action="version", version=f"uqsynth {uqsynth.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", parents=[common], help="train, sample, calibrate, evaluate and report")
+    run.add_argument("config", help="TOML configuration, e.g. plugins/bcgan_t1t2.toml")
+    run.add_argument("--out", help="run directory (default: runs/<run.name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a configuration key, value as a TOML literal (repeatable)")
+    run.add_argument("--device", help="auto, cpu or cuda[:i] (overrides run.device)")
+    run.add_argument("--smoke", action="store_true", help="the same pipeline at a tiny size, to check the wiring")
+    run.set_defaults(func=_cmd_run)
+
+    plugins = commands.add_parser("plugins", parents=[common], help="list registered plugins")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=_cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except StageNotImplemented as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from uqsynth.plugins import KINDS, get_host
+
+    host = get_host()
+    for broken in host.broken:
+        print(f"warning: {broken.message}", file=sys.stderr)
+    if args.json:
+        listing = {kind: [entry.as_dict() for entry in sorted(host[kind], key=lambda e: e.name)] for kind in KINDS}
+        print(json.dumps(listing, indent=2))
+        return 0
+    for kind in KINDS:
+        print(f"{kind}:")
+        entries = sorted(host[kind], key=lambda e: e.name)
+        if not entries:
+            print("  (none)")
+        for entry in entries:
+            origin = entry.plugin.name if entry.plugin.distribution == "uqsynth" else (
+                f"{entry.plugin.name} ({entry.plugin.distribution} {entry.plugin.version})"
+            )
+            print(f"  {entry.name:<26} {origin:<40} {entry.summary}")
+    if host.broken:
+        print("broken plugins:")
+        for broken in host.broken:
+            plugin = broken.plugin
+            print(f"  {plugin.name} ({plugin.distribution} {plugin.version}): BROKEN: {broken.message}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from uqsynth.pipeline import run_pipeline
+
+    return run_pipeline(
+        args.config, out=args.out, overrides=args.overrides, device=args.device, smoke=args.smoke
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,567 @@
+"""Configuration: TOML validated into dataclasses, with overrides.
+
+A configuration file has one table per component (``[run]``, ``[data]``,
+``[model]``, ``[train]``, ``[sampling]``, ``[arms.<name>]``). Every key is
+checked against the dataclasses below: unknown keys and wrong types are
+errors naming the file, the key path, what was expected and what was found,
+with close matches. Plugin tables (``{ name = "unet", ngf = 64 }``) are
+checked against the registered factory's signature and type hints, so a
+plugin documents its options simply by declaring keyword arguments.
+
+Overrides (``--set train.epochs=2``) are parsed as TOML literals, falling
+back to a bare string (``--set data.source=phantom``), and applied to the
+raw tables before validation so they get the same checks.
+
+Profiles are named override tables in the file (``[profiles.<name>]``).
+They apply in this order: the file; ``data.fallback_profile`` when
+``data.root`` does not exist (so the paper's configuration runs on the
+built-in phantom on a fresh clone, and says so); ``--smoke`` (first
+:data:`SMOKE_OVERRIDES`, then ``[profiles.smoke]``); and ``--set`` last.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from uqsynth.errors import ConfigError, PluginError
+from uqsynth.plugins import PluginHost, close_matches
+
+
+@dataclass
+class PluginSpec:
+    """A plugin chosen by registered name, with the keyword arguments for its factory."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def as_toml(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
+
+
+def _spec(name: str, **params: Any) -> Any:
+    return field(default_factory=lambda: PluginSpec(name, dict(params)))
+
+
+@dataclass
+class RunConfig:
+    """``[run]``: identity and reproducibility of a run."""
+
+    name: str = field(default="uqsynth", metadata={"doc": "Name shown in logs and the report."})
+    seed: int = field(default=0, metadata={"doc": "Seed for weights, data order, crops and samples."})
+    device: str = field(default="auto", metadata={"doc": '"auto" (CUDA when present), "cpu" or "cuda[:i]".'})
+
+
+@dataclass
+class DataConfig:
+    """``[data]``: which dataset plugin, and the paper's slice preprocessing."""
+
+    source: str = field(default="phantom", metadata={"doc": "Registered dataset plugin name."})
+    root: str | None = field(default=None, metadata={"doc": "Data directory, for datasets that read files."})
+    image_size: int = field(default=256, metadata={"doc": "Side of the square slices the networks see.", "min": 8})
+    load_size: int = field(default=286, metadata={"doc": "Resize before the random training crop.", "min": 8})
+    min_brain_fraction: float = field(
+        default=0.02, metadata={"doc": "Training skips slices with less brain than this.", "min": 0.0, "max": 1.0}
+    )
+    test_fraction: float = field(
+        default=0.2, metadata={"doc": "Fraction of subjects held out for testing.", "min": 0.0, "max": 1.0}
+    )
+    test_subjects: list[str] = field(default_factory=list, metadata={"doc": "Explicit test ids (overrides test_fraction)."})
+    fallback_profile: str | None = field(
+        default=None,
+        metadata={"doc": "Profile applied when data.root does not exist (unless data.root was given with --set)."},
+    )
+    options: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"doc": "Per-plugin tables [data.<plugin>], passed to that dataset plugin."}
+    )
+
+
+@dataclass
+class ModelConfig:
+    """``[model]``: the networks and the adversarial loss, each a plugin table."""
+
+    generator: PluginSpec = _spec("unet", ngf=64)
+    discriminator: PluginSpec = _spec("patchgan")
+    adversarial_loss: PluginSpec = _spec("vanilla")
+
+
+@dataclass
+class TrainConfig:
+    """``[train]``: optimisation, with the paper's values as defaults."""
+
+    epochs: int = field(default=40, metadata={"doc": "Training epochs per arm.", "min": 1})
+    batch_size: int = field(default=16, metadata={"doc": "Slices per step.", "min": 1})
+    lr: float = field(default=2e-4, metadata={"doc": "Adam learning rate (fixed).", "min_exclusive": 0.0})
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999], metadata={"doc": "Adam betas."})
+    lambda_l1: float = field(default=100.0, metadata={"doc": "Weight of L1(fake, real).", "min": 0.0})
+    lambda_kl: float = field(default=100.0, metadata={"doc": "Weight of the stochastic layers' KL terms.", "min": 0.0})
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"doc": "Mixed precision for training."})
+    max_steps_per_epoch: int = field(default=0, metadata={"doc": "Cap on steps per epoch; 0 means all.", "min": 0})
+
+
+@dataclass
+class ArmConfig:
+    """``[arms.<name>]``: one variant of the model, trained and evaluated separately."""
+
+    stochastic_layer: PluginSpec = field(metadata={"doc": "Stochastic layer plugin table."})
+    positions: list[int] = field(
+        default_factory=lambda: [2, 3, 4], metadata={"doc": "Where to insert it, counted from the bottleneck."}
+    )
+    lambda_kl: float | None = field(default=None, metadata={"doc": "Overrides train.lambda_kl for this arm.", "min": 0.0})
+
+
+@dataclass
+class SamplingConfig:
+    """``[sampling]``: Monte Carlo posterior sampling at test time."""
+
+    samples: int = field(default=20, metadata={"doc": "Forward passes T per slice.", "min": 2})
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    arms: dict[str, ArmConfig] = field(default_factory=dict, metadata={"doc": "Named variants; at least one.", "min_len": 1})
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    notes: list[str] = field(default_factory=list, repr=False, compare=False, metadata={"internal": True})
+    profiles: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"doc": 'Named sets of overrides, as "dotted.key" = value; [profiles.smoke] extends --smoke.'},
+    )
+
+
+#: What ``--smoke`` sets before a file's own ``[profiles.smoke]``: a tiny, fast run.
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "data.image_size": 32,
+    "data.load_size": 36,
+    "train.epochs": 1,
+    "train.batch_size": 4,
+    "train.max_steps_per_epoch": 3,
+    "sampling.samples": 4,
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Origins:
+    """Remembers which key paths came from overrides, to name them in errors."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.overrides: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def where(self, path: str) -> str:
+        parts = path.split(".")
+        for end in range(len(parts), 0, -1):
+            origin = self.overrides.get(".".join(parts[:end]))
+            if origin:
+                return origin
+        return self.file
+
+
+def load_config(
+    path: str | Path, *, overrides: Iterable[str] = (), smoke: bool = False, host: PluginHost | None = None
+) -> Config:
+    """Read, override and validate a configuration file.
+
+    Args:
+        path: The TOML file.
+        overrides: ``"key.path=value"`` strings, applied after ``--smoke``.
+        smoke: Apply :data:`SMOKE_OVERRIDES` and the file's ``[smoke]`` table.
+        host: When given, it must have no broken plugin, and plugin names and
+            parameters are checked against it.
+
+    Raises:
+        ConfigError: The file is missing or invalid; the message names the key.
+        PluginError: A plugin name is unknown.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return config_from_dict(raw, source=str(path), overrides=overrides, smoke=smoke, host=host)
+
+
+def config_from_dict(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "<config>",
+    overrides: Iterable[str] = (),
+    smoke: bool = False,
+    host: PluginHost | None = None,
+) -> Config:
+    """Validate an already parsed TOML document (see :func:`load_config`)."""
+    raw = copy.deepcopy(dict(raw))
+    origins = _Origins(source)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    profiles = raw.get("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise ConfigError(f"{source}: profiles: expected tables [profiles.<name>]")
+
+    def apply_profile(name: str, origin: str) -> None:
+        if name not in profiles:
+            raise ConfigError(f"{source}: {origin}: no [profiles.{name}] table{close_matches(name, profiles)}")
+        for key, value in _flatten(profiles[name]).items():
+            _set_path(raw, key, value, origins, origin=f"{source} [profiles.{name}]")
+
+    fallback = _get_path(raw, "data.fallback_profile")
+    root = _get_path(raw, "data.root")
+    root_overridden = any(key == "data.root" for _, key, _ in parsed)
+    if isinstance(fallback, str) and isinstance(root, str) and not root_overridden and not Path(root).exists():
+        apply_profile(fallback, "data.fallback_profile")
+        origins.notes.append(f"data.root {root} does not exist: applied [profiles.{fallback}] (data.fallback_profile)")
+    if smoke:
+        for key, value in SMOKE_OVERRIDES.items():
+            _set_path(raw, key, value, origins, origin="--smoke")
+        if "smoke" in profiles:
+            apply_profile("smoke", "--smoke")
+    for item, key, value in parsed:
+        _set_path(raw, key, value, origins, origin=f"--set {item}")
+    _lift_data_options(raw)
+    config = _convert(raw, Config, "", origins)
+    config.notes = list(origins.notes)
+    _check_cross_fields(config, origins)
+    if host is not None:
+        host.check()
+        resolve_plugins(config, host, origins)
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``"a.b=value"``; the value is a TOML literal or else a bare string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item}: expected key.path=value")
+    try:
+        value = tomllib.loads(f"value = {text.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def _set_path(raw: dict, key: str, value: Any, origins: _Origins, *, origin: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and depth >= 1:
+            child = {"name": child}  # a plugin given by name only: turn it into a table
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{origin}: {prefix} is {_describe(child)}, not a table")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+    origins.overrides[key] = origin
+
+
+def _get_path(raw: Mapping[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a ``[smoke]`` table may nest or quote dotted keys."""
+    flat = {}
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _lift_data_options(raw: dict) -> None:
+    """Move ``[data.<plugin>]`` tables into ``data.options`` (validated later against the plugin)."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    scalar_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    options = data.setdefault("options", {})
+    if isinstance(options, dict):
+        for key in [k for k, v in data.items() if isinstance(v, dict) and k not in scalar_fields]:
+            options[key] = data.pop(key)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _describe(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
+    kind = kinds.get(type(value), type(value).__name__)
+    shown = repr(value) if not isinstance(value, (dict, list)) else ""
+    return f"{kind} {shown}".strip()
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if annotation is int:
+        return "an integer"
+    if annotation is float:
+        return "a number"
+    if annotation is str:
+        return "a string"
+    if annotation is bool:
+        return "a boolean"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return f"an array of {_type_name(args[0])}" if args else "an array"
+    if origin is dict or dataclasses.is_dataclass(annotation):
+        return "a table"
+    if annotation is PluginSpec:
+        return 'a plugin name or a table with "name"'
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _convert(value: Any, annotation: Any, path: str, origins: _Origins) -> Any:
+    """Check ``value`` against ``annotation``; return it converted (e.g. int -> float)."""
+    where = lambda: f"{origins.where(path)}: {path}"  # noqa: E731 - evaluated only on error
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        for option in options:
+            try:
+                return _convert(value, option, path, origins)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where()}: expected {_type_name(annotation)}, found {_describe(value)}")
+    if annotation is PluginSpec:
+        if isinstance(value, str):
+            return PluginSpec(value)
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            params = {k: v for k, v in value.items() if k != "name"}
+            return PluginSpec(value["name"], params)
+        raise ConfigError(f"{where()}: expected {_type_name(annotation)}, found {_describe(value)}")
+    if dataclasses.is_dataclass(annotation):
+        return _convert_dataclass(value, annotation, path, origins)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices or isinstance(value, bool):
+            hint = close_matches(value, choices) if isinstance(value, str) else ""
+            raise ConfigError(f"{where()}: expected {_type_name(annotation)}, found {_describe(value)}{hint}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where()}: expected {_type_name(annotation)}, found {_describe(value)}")
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        item_type = args[0] if args else Any
+        items = [_convert(v, item_type, f"{path}[{i}]", origins) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where()}: expected a table, found {_describe(value)}")
+        _, value_type = typing.get_args(annotation)
+        return {k: _convert(v, value_type, f"{path}.{k}" if path else k, origins) for k, v in value.items()}
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation in (str, bool):
+        if isinstance(value, annotation):
+            return value
+    elif isinstance(annotation, type) and isinstance(value, annotation):
+        return value
+    raise ConfigError(f"{where()}: expected {_type_name(annotation)}, found {_describe(value)}")
+
+
+def _convert_dataclass(value: Any, cls: type, path: str, origins: _Origins) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{origins.where(path)}: {path}: expected a table, found {_describe(value)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, item in value.items():
+        key_path = f"{path}.{key}" if path else key
+        if key not in fields:
+            hint = close_matches(key, fields)
+            raise ConfigError(f"{origins.where(key_path)}: unknown key {key_path}{hint}")
+        converted = _convert(item, hints[key], key_path, origins)
+        _check_bounds(converted, fields[key].metadata, key_path, origins)
+        kwargs[key] = converted
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            key_path = f"{path}.{name}" if path else name
+            raise ConfigError(f"{origins.where(path)}: missing key {key_path} ({_type_name(hints[name])})")
+    return cls(**kwargs)
+
+
+def _check_bounds(value: Any, metadata: Mapping[str, Any], path: str, origins: _Origins) -> None:
+    if value is None:
+        return
+    problem = None
+    if "min" in metadata and value < metadata["min"]:
+        problem = f"must be >= {metadata['min']}"
+    elif "max" in metadata and value > metadata["max"]:
+        problem = f"must be <= {metadata['max']}"
+    elif "min_exclusive" in metadata and value <= metadata["min_exclusive"]:
+        problem = f"must be > {metadata['min_exclusive']}"
+    elif "min_len" in metadata and len(value) < metadata["min_len"]:
+        problem = f"needs at least {metadata['min_len']} entry"
+    if problem:
+        raise ConfigError(f"{origins.where(path)}: {path} {problem}, found {value!r}")
+
+
+def _check_cross_fields(config: Config, origins: _Origins) -> None:
+    if config.data.load_size < config.data.image_size:
+        raise ConfigError(
+            f"{origins.where('data.load_size')}: data.load_size ({config.data.load_size}) must be >= "
+            f"data.image_size ({config.data.image_size})"
+        )
+    if len(config.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in config.train.betas):
+        raise ConfigError(f"{origins.where('train.betas')}: train.betas must be two numbers in [0, 1), found {config.train.betas}")
+
+
+# --------------------------------------------------------------------------- plugins
+
+#: Factory arguments uqsynth supplies itself; a TOML table may not set them.
+INJECTED_PARAMS: dict[str, tuple[str, ...]] = {
+    "generator": ("image_size", "stochastic_layer", "positions", "in_channels", "out_channels"),
+    "discriminator": ("in_channels",),
+    "dataset": ("root",),
+}
+
+
+def resolve_plugins(config: Config, host: PluginHost, origins: _Origins | None = None) -> None:
+    """Check every plugin name and parameter in ``config`` against ``host``'s registries.
+
+    Parameters are converted in place (an integer given for a float becomes a
+    float). Stochastic layers are built once, so their own argument checks run
+    before any training starts.
+    """
+    origins = origins or _Origins("<config>")
+    specs: list[tuple[str, str, PluginSpec]] = [
+        ("generator", "model.generator", config.model.generator),
+        ("discriminator", "model.discriminator", config.model.discriminator),
+        ("adversarial_loss", "model.adversarial_loss", config.model.adversarial_loss),
+    ]
+    for arm, arm_config in config.arms.items():
+        specs.append(("stochastic_layer", f"arms.{arm}.stochastic_layer", arm_config.stochastic_layer))
+    for kind, path, spec in specs:
+        try:
+            entry = host[kind].get(spec.name)
+        except PluginError as exc:
+            raise PluginError(f"{origins.where(path)}: {path}: {exc}") from None
+        spec.params = check_params(entry.factory, spec.params, path, origins, INJECTED_PARAMS.get(kind, ()))
+    try:
+        host["dataset"].get(config.data.source)
+    except PluginError as exc:
+        raise PluginError(f"{origins.where('data.source')}: data.source: {exc}") from None
+    for name, options in config.data.options.items():
+        if name not in host["dataset"]:
+            raise ConfigError(
+                f"{origins.where('data.' + name)}: unknown key data.{name}: not a field of [data] "
+                f"and not a registered dataset{close_matches(name, host['dataset'].names())}"
+            )
+        factory = host["dataset"].get(name).factory
+        config.data.options[name] = check_params(factory, options, f"data.{name}", origins, INJECTED_PARAMS["dataset"])
+    for arm, arm_config in config.arms.items():
+        spec = arm_config.stochastic_layer
+        path = f"arms.{arm}.stochastic_layer"
+        try:
+            host["stochastic_layer"].create(spec.name, **spec.params)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{origins.where(path)}: {path}: {exc}") from None
+
+
+def check_params(
+    factory: Any, params: Mapping[str, Any], path: str, origins: _Origins, injected: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Validate ``params`` against ``factory``'s keyword parameters and type hints."""
+    signature = inspect.signature(factory)
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations in a plugin: check names only
+        hints = {}
+    accepted = {
+        name: parameter
+        for name, parameter in signature.parameters.items()
+        if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    }
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    injected = tuple(injected)
+    checked = {}
+    for key, value in params.items():
+        key_path = f"{path}.{key}"
+        if key in injected:
+            raise ConfigError(f"{origins.where(key_path)}: {key_path} is set by uqsynth and cannot be configured here")
+        if key not in accepted and not takes_any:
+            options = [n for n in accepted if n not in injected]
+            raise ConfigError(f"{origins.where(key_path)}: unknown key {key_path}{close_matches(key, options)}")
+        checked[key] = _convert(value, hints[key], key_path, origins) if key in hints else value
+    for name, parameter in accepted.items():
+        if parameter.default is parameter.empty and name not in checked and name not in injected:
+            raise ConfigError(f"{origins.where(path)}: missing key {path}.{name}")
+    return checked
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved configuration as plain TOML-ready tables (``None`` values left out)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, PluginSpec):
+            return {k: plain(v) for k, v in value.as_toml().items()}
+        if dataclasses.is_dataclass(value):
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if getattr(value, f.name) is not None and not f.metadata.get("internal")
+            }
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items() if v is not None}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    tables = plain(config)
+    data = tables["data"]
+    for name, options in data.pop("options").items():
+        data[name] = options
+    return tables
+
+
+def dumps_config(config: Config) -> str:
+    """The resolved configuration as TOML text (what every run saves)."""
+    return tomli_w.dumps(config_to_dict(config))

@@ -1,0 +1,67 @@
+"""The dataset interface: a collection of paired subjects.
+
+A dataset plugin only says which subjects exist and loads one subject's
+volumes as they are stored. Everything the paper does to them afterwards
+(axial slicing found from the affine, per-slice normalization, resizing,
+cropping, slice selection) is shared by all datasets and lives in
+:mod:`uqsynth.data.slices`, so a new data source never re-implements it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class SubjectVolumes:
+    """One subject's co-registered source/target volumes, as stored on disk.
+
+    Arrays keep the file's own axis order; ``affine`` maps voxel indices to
+    world (RAS+ mm, as nibabel reports it) and is what outputs are written with.
+
+    Attributes:
+        subject_id: Unique id of the subject within its dataset.
+        source: Source contrast (e.g. T1w), float32, 3D.
+        target: Target contrast (e.g. T2w), float32, 3D, same shape as ``source``.
+        mask: Brain mask, bool, same shape; nonzero voxels unless a mask file is given.
+        affine: 4x4 voxel-to-world matrix shared by source and target.
+        header: The source file's NIfTI header (``None`` for in-memory data), so
+            outputs can be written in the input's own grid with its metadata.
+        source_path: Where ``source`` was read from (``None`` when generated).
+        target_path: Where ``target`` was read from (``None`` when generated).
+    """
+
+    subject_id: str
+    source: np.ndarray
+    target: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    header: object | None = None
+    source_path: Path | None = None
+    target_path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Dataset(ABC):
+    """Interface of dataset plugins: which subjects exist, and how to load one.
+
+    Implementations validate what they can cheaply in ``__init__`` (the root
+    exists, subjects are complete, ids are unique) and raise
+    :class:`uqsynth.errors.DataError` naming the subject and file; ``load``
+    raises the same for unreadable or inconsistent images.
+    """
+
+    @abstractmethod
+    def subject_ids(self) -> list[str]:
+        """Return the ids of all subjects, in a stable order."""
+
+    @abstractmethod
+    def load(self, subject_id: str) -> SubjectVolumes:
+        """Load one subject's volumes (validated: shapes, affines, finite values)."""
+
+    def __len__(self) -> int:
+        return len(self.subject_ids())

@@ -1,0 +1,28 @@
+"""Exceptions that separate the user's mistakes from ours.
+
+Anything derived from :class:`UserError` is something the person running
+uqsynth can fix (a path, a key, a value, a plugin name). The command line
+prints it as a single ``error: ...`` line and exits with status 2; any other
+exception is a bug and exits with status 1 (with a traceback under ``--debug``).
+"""
+
+
+class UserError(Exception):
+    """A problem in the user's input; the message is shown as one line."""
+
+
+class ConfigError(UserError):
+    """A configuration file or override is missing, malformed or invalid."""
+
+
+class PluginError(UserError):
+    """A plugin is unknown, broken, duplicated or registered something unusable."""
+
+
+class DataError(UserError):
+    """Input images are unreadable, inconsistent or unusable."""
+
+
+
+class StageNotImplemented(Exception):
+    """A pipeline stage this version of uqsynth does not have yet (exit status 3)."""

@@ -1,0 +1,15 @@
+"""Stochastic layers: the interface, the sampling switch and the built-in layers."""
+
+from uqsynth.layers.base import StochasticLayer, sampling, set_sampling, stochastic_layers, total_regularizer
+from uqsynth.layers.concrete_dropout import ConcreteDropout
+from uqsynth.layers.mc_dropout import MCDropout
+
+__all__ = [
+    "ConcreteDropout",
+    "MCDropout",
+    "StochasticLayer",
+    "sampling",
+    "set_sampling",
+    "stochastic_layers",
+    "total_regularizer",
+]

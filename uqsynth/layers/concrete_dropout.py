@@ -1,0 +1,110 @@
+"""Concrete dropout (Gal, Hron & Kendall 2017): dropout with a learned probability.
+
+The Bernoulli mask is relaxed into a continuous "concrete" variable so the
+dropout probability ``p`` gets gradients. With ``u ~ U(0, 1)`` and
+temperature ``t``::
+
+    z = sigmoid((log p - log(1 - p) + log u - log(1 - u)) / t)      # ~1 = drop
+    x <- x * (1 - z) / (1 - p)
+
+``z > 1/2`` exactly when the logistic noise exceeds ``logit(1 - p)``, so the
+hard keep rate is exactly ``1 - p`` at any temperature. Each layer adds the
+paper's eq. 4.4 to the loss::
+
+    weight_reg * ||M||^2 / (1 - p) + dropout_reg * K * (p log p + (1 - p) log(1 - p))
+
+where ``M`` are the weights of the layer the dropout follows (attached by the
+host network) and ``K`` is the number of input channels (the paper) or all
+C*H*W input elements (the reference notebook), chosen with ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from uqsynth.layers.base import StochasticLayer
+from uqsynth.layers.mc_dropout import mask_shape
+
+
+class ConcreteDropout(StochasticLayer):
+    """Dropout whose probability is learned through a concrete relaxation.
+
+    Args:
+        init_p: Initial dropout probability, in (0, 1).
+        temperature: Relaxation temperature ``t``; smaller is closer to Bernoulli.
+        weight_reg: Weight of the ``||M||^2 / (1 - p)`` term.
+        dropout_reg: Weight of the negative-entropy term.
+        k: ``"channels"`` (K = input channels, the paper) or ``"elements"``
+            (K = C*H*W per sample, as in Gal's reference notebook).
+        channelwise: One mask value per sample and channel (spatial dropout).
+        eps: Added inside the logarithms of the relaxation for stability.
+    """
+
+    def __init__(
+        self,
+        *,
+        init_p: float = 0.1,
+        temperature: float = 0.1,
+        weight_reg: float = 1e-6,
+        dropout_reg: float = 1e-5,
+        k: Literal["channels", "elements"] = "channels",
+        channelwise: bool = False,
+        eps: float = 1e-7,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < init_p < 1.0:
+            raise ValueError(f"init_p must be in (0, 1), got {init_p}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if weight_reg < 0 or dropout_reg < 0:
+            raise ValueError("weight_reg and dropout_reg must be non-negative")
+        if k not in ("channels", "elements"):
+            raise ValueError(f'k must be "channels" or "elements", got {k!r}')
+        self.p_logit = nn.Parameter(torch.tensor(math.log(init_p) - math.log1p(-init_p)))
+        self.temperature = float(temperature)
+        self.weight_reg = float(weight_reg)
+        self.dropout_reg = float(dropout_reg)
+        self.k = k
+        self.channelwise = bool(channelwise)
+        self.eps = float(eps)
+        self._input_shape: tuple[int, ...] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._input_shape = tuple(x.shape[1:])
+        return super().forward(x)
+
+    def sample(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(self.p_logit).to(x.dtype)
+        u = torch.rand(mask_shape(x, self.channelwise), device=x.device, dtype=x.dtype)
+        eps = self.eps
+        logits = torch.log(p + eps) - torch.log(1 - p + eps) + torch.log(u + eps) - torch.log(1 - u + eps)
+        drop = torch.sigmoid(logits / self.temperature)
+        return x * (1 - drop) / (1 - p)
+
+    def dropout_probability(self) -> torch.Tensor:
+        return torch.sigmoid(self.p_logit)
+
+    def input_dimensionality(self) -> int:
+        """``K`` in the regularizer, known after the first forward pass."""
+        if self._input_shape is None:
+            raise RuntimeError("ConcreteDropout.regularizer() needs one forward pass first to know K")
+        return self._input_shape[0] if self.k == "channels" else math.prod(self._input_shape)
+
+    def regularizer(self) -> torch.Tensor:
+        p = torch.sigmoid(self.p_logit)
+        squared_norm = sum((w.pow(2).sum() for w in self.attached_weights), torch.zeros((), device=p.device))
+        weight_term = self.weight_reg * squared_norm / (1 - p)
+        negative_entropy = p * torch.log(p) + (1 - p) * torch.log(1 - p)
+        dropout_term = self.dropout_reg * self.input_dimensionality() * negative_entropy
+        return weight_term + dropout_term
+
+    def extra_repr(self) -> str:
+        p = torch.sigmoid(self.p_logit.detach()).item()
+        return (
+            f"p={p:.4f}, temperature={self.temperature}, weight_reg={self.weight_reg}, "
+            f"dropout_reg={self.dropout_reg}, k={self.k!r}, channelwise={self.channelwise}"
+        )

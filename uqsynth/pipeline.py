@@ -1,0 +1,174 @@
+"""``uqsynth run``: validate the configuration, then run the stages in order.
+
+Stages: train -> sample -> calibrate -> evaluate -> report. Everything is
+validated before the run directory is touched, so a bad configuration leaves
+no output behind. A stage this version does not have says so and stops the
+run with a non-zero status rather than pretending.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import uqsynth
+from uqsynth._files import atomic_write_text
+from uqsynth.config import Config, PluginSpec, dumps_config, load_config
+from uqsynth.data.base import Dataset
+from uqsynth.data.slices import TrainSlices
+from uqsynth.data.split import Split, split_subjects
+from uqsynth.errors import ConfigError, StageNotImplemented
+from uqsynth.plugins import PluginHost, get_host
+from uqsynth.training import Trainer, build_arm, seed_everything
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU; a requested CUDA device must exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f'run.device: expected "auto", "cpu" or "cuda[:i]", found {spec!r}') from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device: {spec} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"run.device: {spec} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type != "cpu":
+        raise ConfigError(f'run.device: expected "auto", "cpu" or "cuda[:i]", found {spec!r}')
+    return device
+
+
+def describe_plugin(spec: PluginSpec) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in spec.params.items())
+    return f"{spec.name}({params})" if params else spec.name
+
+
+def describe_run(config: Config, out: Path, device: torch.device, smoke: bool) -> list[str]:
+    """The first lines a run prints: which data, which scale and which plugins."""
+    data = config.data
+    source = data.source + (f" at {data.root}" if data.root else "")
+    scale = (
+        f"{data.image_size}x{data.image_size} slices (load {data.load_size}), "
+        f"{config.train.epochs} epoch(s), batch {config.train.batch_size}, T={config.sampling.samples}"
+    )
+    model = config.model
+    lines = [
+        f"uqsynth {uqsynth.__version__}: run '{config.run.name}'{' (smoke)' if smoke else ''} -> {out} on {device}",
+        f"data: {source}; scale: {scale}",
+        f"model: generator {describe_plugin(model.generator)}, discriminator {describe_plugin(model.discriminator)}, "
+        f"adversarial loss {describe_plugin(model.adversarial_loss)}",
+    ]
+    for name, arm in config.arms.items():
+        lines.append(f"arm {name}: {describe_plugin(arm.stochastic_layer)} at positions {arm.positions}")
+    return lines
+
+
+@dataclass
+class RunContext:
+    """What the stages share: the resolved configuration, plugins, paths and data."""
+
+    config: Config
+    host: PluginHost
+    out_dir: Path
+    device: torch.device
+    dataset: Dataset | None = None
+    split: Split | None = None
+
+
+def build_dataset(config: Config, host: PluginHost) -> Dataset:
+    """The configured dataset plugin; ``data.root`` goes to plugins that read files."""
+    entry = host["dataset"].get(config.data.source)
+    params = dict(config.data.options.get(config.data.source, {}))
+    if "root" in inspect.signature(entry.factory).parameters:
+        if config.data.root is None:
+            raise ConfigError(f"data.root: dataset {config.data.source} reads files, so data.root must be set")
+        params["root"] = config.data.root
+    return host["dataset"].create(config.data.source, **params)
+
+
+def stage_train(context: RunContext) -> None:
+    """Train every arm on the training subjects (resuming finished epochs)."""
+    config = context.config
+    context.dataset = build_dataset(config, context.host)
+    context.split = split_subjects(
+        context.dataset.subject_ids(),
+        test_fraction=config.data.test_fraction,
+        seed=config.run.seed,
+        test_ids=config.data.test_subjects or None,
+    )
+    split_record = {"train": context.split.train, "test": context.split.test}
+    atomic_write_text(context.out_dir / "split.json", json.dumps(split_record, indent=2) + "\n")
+    started = time.perf_counter()
+    train_set = TrainSlices(
+        context.dataset,
+        context.split.train,
+        image_size=config.data.image_size,
+        load_size=config.data.load_size,
+        min_brain_fraction=config.data.min_brain_fraction,
+        seed=config.run.seed,
+    )
+    print(
+        f"data: {len(context.split.train)} training subjects ({len(train_set)} slices), "
+        f"{len(context.split.test)} test subjects; loaded in {time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
+    for arm_name, arm in config.arms.items():
+        seed_everything(config.run.seed)  # every arm starts from the same weights
+        models = build_arm(config, arm, context.host)
+        Trainer(config, arm_name, models, train_set, context.out_dir / arm_name, context.device).fit()
+
+
+def _not_yet(stage: str) -> Callable[..., None]:
+    def run(_context: RunContext) -> None:
+        raise StageNotImplemented(
+            f"stage '{stage}' is not implemented in uqsynth {uqsynth.__version__} yet; "
+            "the stages before it finished and their outputs are in the run directory"
+        )
+
+    return run
+
+
+STAGES: tuple[tuple[str, Callable[..., None]], ...] = (
+    ("train", stage_train),
+    ("sample", _not_yet("sample")),
+    ("calibrate", _not_yet("calibrate")),
+    ("evaluate", _not_yet("evaluate")),
+    ("report", _not_yet("report")),
+)
+
+
+def run_pipeline(
+    config_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+    smoke: bool = False,
+) -> int:
+    """Validate ``config_path`` (with overrides), prepare ``out``, and run every stage."""
+    host = get_host()
+    config = load_config(config_path, overrides=overrides, smoke=smoke, host=host)
+    if device is not None:
+        config.run.device = device
+    torch_device = resolve_device(config.run.device)
+    out_dir = Path(out) if out is not None else Path("runs") / config.run.name
+    for line in [*config.notes, *describe_run(config, out_dir, torch_device, smoke)]:
+        print(line, file=sys.stderr)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot create the run directory: {exc.strerror or exc}") from None
+    atomic_write_text(out_dir / "config.toml", dumps_config(config))
+    context = RunContext(config, host, out_dir, torch_device)
+    for _name, stage in STAGES:
+        stage(context)
+    return 0
