@@ -65,7 +65,8 @@ def test_out_of_range_values_are_refused(key, value, expected):
 
 
 def test_no_arms_is_an_error():
-    assert "arms needs at least 1 entry" in error_of({})
+    assert error_of({}) == "c.toml: missing key arms (Named variants; at least one.)"
+    assert error_of({"arms": {}}) == "c.toml: arms needs at least 1 entry, found 0"
 
 
 def test_literal_choices_with_close_match():

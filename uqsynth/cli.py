@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true", help="the same pipeline at a tiny size, to check the wiring")
     run.set_defaults(func=_cmd_run)
 
+    phantom = commands.add_parser("phantom", parents=[common], help="write phantom subjects as NIfTI (BraTS 2023 naming)")
+    phantom.add_argument("--out", required=True, help="directory to write subject folders into")
+    phantom.add_argument("--subjects", type=int, required=True, help="number of subjects")
+    phantom.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    phantom.add_argument("--orientation", choices=("RAS", "LPS"), default="RAS", help="array orientation on disk")
+    phantom.set_defaults(func=_cmd_phantom)
+
     plugins = commands.add_parser("plugins", parents=[common], help="list registered plugins")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=_cmd_plugins)
@@ -100,6 +107,24 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         for broken in host.broken:
             plugin = broken.plugin
             print(f"  {plugin.name} ({plugin.distribution} {plugin.version}): BROKEN: {broken.message}")
+    return 0
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from uqsynth.data.phantom import write_subjects
+    from uqsynth.errors import ConfigError
+
+    if args.subjects < 1:
+        raise ConfigError(f"--subjects must be at least 1, found {args.subjects}")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the directory: {exc.strerror or exc}") from None
+    for directory in write_subjects(out, args.subjects, seed=args.seed, orientation=args.orientation):
+        print(directory)
     return 0
 
 

@@ -49,10 +49,6 @@ class PluginSpec:
         return {"name": self.name, **self.params}
 
 
-def _spec(name: str, **params: Any) -> Any:
-    return field(default_factory=lambda: PluginSpec(name, dict(params)))
-
-
 @dataclass
 class RunConfig:
     """``[run]``: identity and reproducibility of a run."""
@@ -90,9 +86,15 @@ class DataConfig:
 class ModelConfig:
     """``[model]``: the networks and the adversarial loss, each a plugin table."""
 
-    generator: PluginSpec = _spec("unet", ngf=64)
-    discriminator: PluginSpec = _spec("patchgan")
-    adversarial_loss: PluginSpec = _spec("vanilla")
+    generator: PluginSpec = field(
+        default_factory=lambda: PluginSpec("unet", {"ngf": 64}), metadata={"doc": "Generator (backbone) plugin."}
+    )
+    discriminator: PluginSpec = field(
+        default_factory=lambda: PluginSpec("patchgan"), metadata={"doc": "Discriminator plugin."}
+    )
+    adversarial_loss: PluginSpec = field(
+        default_factory=lambda: PluginSpec("vanilla"), metadata={"doc": "Adversarial loss plugin."}
+    )
 
 
 @dataclass
@@ -336,13 +338,14 @@ def _type_name(annotation: Any) -> str:
         return "a boolean"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return f"an array of {_type_name(args[0])}" if args else "an array"
-    if origin is dict or dataclasses.is_dataclass(annotation):
-        return "a table"
     if annotation is PluginSpec:
         return 'a plugin name or a table with "name"'
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"an array of {plural.get(args[0], _type_name(args[0]))}" if args else "an array"
+    if origin is dict or dataclasses.is_dataclass(annotation):
+        return "a table"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(annotation) if a is not type(None))
     return getattr(annotation, "__name__", str(annotation))
@@ -414,13 +417,19 @@ def _convert_dataclass(value: Any, cls: type, path: str, origins: _Origins) -> A
         if key not in fields:
             hint = close_matches(key, fields)
             raise ConfigError(f"{origins.where(key_path)}: unknown key {key_path}{hint}")
+        if hints[key] is PluginSpec and isinstance(item, dict) and "name" not in item:
+            default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+            if isinstance(default, PluginSpec):  # e.g. --set model.generator.ngf=8 keeps the default generator
+                item = {"name": default.name, **default.params, **item}
         converted = _convert(item, hints[key], key_path, origins)
         _check_bounds(converted, fields[key].metadata, key_path, origins)
         kwargs[key] = converted
     for name, f in fields.items():
+        key_path = f"{path}.{name}" if path else name
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            key_path = f"{path}.{name}" if path else name
             raise ConfigError(f"{origins.where(path)}: missing key {key_path} ({_type_name(hints[name])})")
+        if name not in kwargs and "min_len" in f.metadata:
+            raise ConfigError(f"{origins.where(path)}: missing key {key_path} ({f.metadata.get('doc', '')})")
     return cls(**kwargs)
 
 
@@ -436,6 +445,7 @@ def _check_bounds(value: Any, metadata: Mapping[str, Any], path: str, origins: _
         problem = f"must be > {metadata['min_exclusive']}"
     elif "min_len" in metadata and len(value) < metadata["min_len"]:
         problem = f"needs at least {metadata['min_len']} entry"
+        value = len(value)
     if problem:
         raise ConfigError(f"{origins.where(path)}: {path} {problem}, found {value!r}")
 

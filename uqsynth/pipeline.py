@@ -52,10 +52,11 @@ def describe_plugin(spec: PluginSpec) -> str:
     return f"{spec.name}({params})" if params else spec.name
 
 
-def describe_run(config: Config, out: Path, device: torch.device, smoke: bool) -> list[str]:
+def describe_run(config: Config, host: PluginHost, out: Path, device: torch.device, smoke: bool) -> list[str]:
     """The first lines a run prints: which data, which scale and which plugins."""
     data = config.data
-    source = data.source + (f" at {data.root}" if data.root else "")
+    options = describe_plugin(PluginSpec(data.source, data.options.get(data.source, {})))
+    source = options + (f" at {data.root}" if data.root and _takes_root(host, data.source) else "")
     scale = (
         f"{data.image_size}x{data.image_size} slices (load {data.load_size}), "
         f"{config.train.epochs} epoch(s), batch {config.train.batch_size}, T={config.sampling.samples}"
@@ -84,11 +85,14 @@ class RunContext:
     split: Split | None = None
 
 
+def _takes_root(host: PluginHost, dataset: str) -> bool:
+    return "root" in inspect.signature(host["dataset"].get(dataset).factory).parameters
+
+
 def build_dataset(config: Config, host: PluginHost) -> Dataset:
     """The configured dataset plugin; ``data.root`` goes to plugins that read files."""
-    entry = host["dataset"].get(config.data.source)
     params = dict(config.data.options.get(config.data.source, {}))
-    if "root" in inspect.signature(entry.factory).parameters:
+    if _takes_root(host, config.data.source):
         if config.data.root is None:
             raise ConfigError(f"data.root: dataset {config.data.source} reads files, so data.root must be set")
         params["root"] = config.data.root
@@ -114,7 +118,6 @@ def stage_train(context: RunContext) -> None:
         image_size=config.data.image_size,
         load_size=config.data.load_size,
         min_brain_fraction=config.data.min_brain_fraction,
-        seed=config.run.seed,
     )
     print(
         f"data: {len(context.split.train)} training subjects ({len(train_set)} slices), "
@@ -161,7 +164,7 @@ def run_pipeline(
         config.run.device = device
     torch_device = resolve_device(config.run.device)
     out_dir = Path(out) if out is not None else Path("runs") / config.run.name
-    for line in [*config.notes, *describe_run(config, out_dir, torch_device, smoke)]:
+    for line in [*config.notes, *describe_run(config, host, out_dir, torch_device, smoke)]:
         print(line, file=sys.stderr)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

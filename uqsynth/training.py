@@ -197,11 +197,16 @@ class Trainer:
             self.train_set, batch_size=self.config.train.batch_size, shuffle=True, generator=order,
             num_workers=0, pin_memory=self.device.type == "cuda",
         )
-        limit = self.config.train.max_steps_per_epoch or len(loader)
         for index, batch in enumerate(loader):
-            if index >= limit:
+            if index >= self.steps_per_epoch():
                 return
             yield batch
+
+    def steps_per_epoch(self) -> int:
+        """Every batch of the training set, or ``train.max_steps_per_epoch`` when smaller."""
+        batches = -(-len(self.train_set) // self.config.train.batch_size)
+        cap = self.config.train.max_steps_per_epoch
+        return min(batches, cap) if cap else batches
 
     # ------------------------------------------------------------------ epochs
 
@@ -217,8 +222,7 @@ class Trainer:
             self.log(f"arm {self.arm_name}: resuming after epoch {self.epoch} of {epochs}")
         self.generator.train()
         self.discriminator.train()
-        steps = self.config.train.max_steps_per_epoch or -(-len(self.train_set) // self.config.train.batch_size)
-        steps = min(steps, -(-len(self.train_set) // self.config.train.batch_size))
+        steps = self.steps_per_epoch()
         for epoch in range(self.epoch + 1, epochs + 1):
             started = time.perf_counter()
             totals: dict[str, float] = {}

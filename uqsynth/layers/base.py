@@ -28,7 +28,8 @@ class StochasticLayer(nn.Module):
 
     Subclasses implement :meth:`sample` (the random forward pass). With
     sampling off, :meth:`forward` returns :meth:`deterministic`, which for
-    inverted dropout is the identity (the expectation of the sampled output).
+    inverted dropout is the identity (the expectation of the sampled output;
+    only approximately so for relaxed masks such as concrete dropout's).
 
     A layer may depend on the weights of the layer it follows (concrete
     dropout regularizes them); the host network tells it which through
@@ -119,5 +120,7 @@ def total_regularizer(model: nn.Module) -> torch.Tensor:
     """Sum of the regularizers of all stochastic layers in ``model``."""
     terms = [layer.regularizer() for layer in stochastic_layers(model)]
     if not terms:
-        return torch.zeros(())
-    return torch.stack(terms).sum()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return torch.zeros((), device=device)
+    # Summing (not stacking) lets a parameter-free layer's CPU zero join GPU terms.
+    return sum(terms[1:], terms[0])

@@ -1,0 +1,266 @@
+"""BraTS challenge folders: every release's file naming, detected per root.
+
+Two naming schemes cover the releases:
+
+* BraTS 2018-2021: ``<id>/<id>_t1.nii.gz``, ``_t2``, ``_flair``, ``_t1ce``, ``_seg``
+  (2021 only changed the ids, e.g. ``BraTS2021_00000``);
+* BraTS 2023 and later: ``<id>/<id>-t1n.nii.gz``, ``-t2w``, ``-t2f``, ``-t1c``, ``-seg``.
+
+Either may be ``.nii`` or ``.nii.gz``. Users name contrasts generically
+(``t1``, ``t2``, ``flair``, ``t1ce``) and the detected naming maps them to
+file suffixes, so one configuration works on any release. Subject folders are
+found at any depth below the root (the 2018 release nests them in ``HGG/`` and
+``LGG/``); a subject's id is taken from its file names, and all of a subject's
+files must sit in one folder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from uqsynth.data.base import Dataset, SubjectVolumes
+from uqsynth.data.nifti import load_pair
+from uqsynth.errors import ConfigError, DataError
+
+#: Generic contrast names users may ask for.
+CONTRASTS = ("t1", "t2", "flair", "t1ce")
+
+#: How messages name each contrast.
+_ROLE = {"t1": "T1w", "t2": "T2w", "flair": "FLAIR", "t1ce": "T1ce", "seg": "seg"}
+
+
+@dataclass(frozen=True)
+class Naming:
+    """One release family's file naming: ``<id><separator><suffix>.nii[.gz]``."""
+
+    name: str
+    separator: str
+    suffixes: dict[str, str]
+
+    def example(self, contrast: str) -> str:
+        """Show the expected path for ``contrast``, for messages."""
+        return f"<id>/<id>{self.separator}{self.suffix(contrast)}.nii[.gz]"
+
+    def suffix(self, contrast: str) -> str:
+        """Map a generic contrast name (or a literal suffix such as a mask's) to this naming."""
+        return self.suffixes.get(contrast, contrast)
+
+    def pattern(self, extra: tuple[str, ...] = ()) -> re.Pattern[str]:
+        """Regex giving ``id`` and ``suffix`` for a file name of this naming."""
+        suffixes = sorted({*self.suffixes.values(), *extra}, key=len, reverse=True)
+        alternatives = "|".join(re.escape(suffix) for suffix in suffixes)
+        separator = re.escape(self.separator)
+        return re.compile(rf"^(?P<id>.+){separator}(?P<suffix>{alternatives})\.nii(?:\.gz)?$")
+
+
+NAMINGS = (
+    Naming(
+        "BraTS 2018-2021",
+        "_",
+        {"t1": "t1", "t2": "t2", "flair": "flair", "t1ce": "t1ce", "seg": "seg"},
+    ),
+    Naming(
+        "BraTS 2023+",
+        "-",
+        {"t1": "t1n", "t2": "t2w", "flair": "t2f", "t1ce": "t1c", "seg": "seg"},
+    ),
+)
+
+
+@dataclass
+class _Subject:
+    folder: Path
+    files: dict[str, list[Path]]
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise DataError(f"BraTS root {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"BraTS root {root} is not a directory")
+
+
+def _check_contrast(name: str, what: str) -> None:
+    if name not in CONTRASTS:
+        raise ConfigError(f"unknown {what} contrast {name!r}; expected one of {', '.join(CONTRASTS)}")
+
+
+def _nifti_files(root: Path) -> list[Path]:
+    # Hidden entries are skipped: macOS leaves "._<name>.nii.gz" twins in unpacked archives.
+    files = [*root.rglob("*.nii"), *root.rglob("*.nii.gz")]
+    return sorted(
+        path
+        for path in files
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
+def _detect(root: Path, extra: tuple[str, ...]) -> tuple[Naming, list[tuple[Path, re.Match[str]]]]:
+    """Find the one naming used under ``root`` and the files that follow it."""
+    by_naming: dict[str, list[tuple[Path, re.Match[str]]]] = defaultdict(list)
+    folders: dict[Path, set[str]] = defaultdict(set)
+    patterns = [(n, n.pattern(tuple(n.suffix(e) for e in extra))) for n in NAMINGS]
+    for path in _nifti_files(root):
+        for naming, pattern in patterns:
+            match = pattern.match(path.name)
+            if match:
+                by_naming[naming.name].append((path, match))
+                folders[path.parent].add(naming.name)
+    if not by_naming:
+        looked_for = " and ".join(f"{n.example('t1')} ({n.name})" for n in NAMINGS)
+        raise DataError(f"no BraTS subjects found under {root}: looked for {looked_for}")
+    for folder, names in folders.items():
+        if len(names) > 1:
+            raise DataError(
+                f"folder {folder} mixes BraTS namings ({' and '.join(sorted(names))}); "
+                "keep one naming per root"
+            )
+    if len(by_naming) > 1:
+        examples = ", ".join(
+            f"{next(p.parent for p, _ in files)} uses {name}" for name, files in sorted(by_naming.items())
+        )
+        raise DataError(f"BraTS root {root} mixes namings: {examples}; keep one naming per root")
+    (name, files), = by_naming.items()
+    return next(n for n in NAMINGS if n.name == name), files
+
+
+def _group(files: list[tuple[Path, re.Match[str]]]) -> dict[str, _Subject]:
+    subjects: dict[str, _Subject] = {}
+    for path, match in files:
+        subject_id, suffix = match["id"], match["suffix"]
+        subject = subjects.setdefault(subject_id, _Subject(path.parent, defaultdict(list)))
+        if subject.folder != path.parent:
+            raise DataError(
+                f"duplicate subject id {subject_id}: found in {subject.folder} and in {path.parent}"
+            )
+        subject.files[suffix].append(path)
+    return subjects
+
+
+def _one_file(subject_id: str, subject: _Subject, naming: Naming, contrast: str) -> Path:
+    suffix = naming.suffix(contrast)
+    paths = subject.files.get(suffix, [])
+    role = _ROLE.get(contrast, contrast)
+    if not paths:
+        expected = f"{subject_id}{naming.separator}{suffix}.nii[.gz]"
+        raise DataError(f"subject {subject_id}: no {role} file {expected} in {subject.folder}")
+    if len(paths) > 1:
+        raise DataError(
+            f"duplicate subject id {subject_id}: two {role} files {paths[0]} and {paths[1]}"
+        )
+    return paths[0]
+
+
+def _scan(root: str | Path, contrasts: tuple[str, ...]) -> tuple[Naming, dict[str, dict[str, Path]]]:
+    """Map every subject under ``root`` to its file for each of ``contrasts``."""
+    root = Path(root)
+    _check_root(root)
+    naming, files = _detect(root, contrasts)
+    subjects = _group(files)
+    found = {
+        subject_id: {c: _one_file(subject_id, subject, naming, c) for c in contrasts}
+        for subject_id, subject in sorted(subjects.items())
+    }
+    return naming, found
+
+
+def detect_naming(root: str | Path) -> str:
+    """Return the name of the BraTS naming used under ``root`` (e.g. ``"BraTS 2023+"``)."""
+    root = Path(root)
+    _check_root(root)
+    return _detect(root, ())[0].name
+
+
+def find_subjects(
+    root: str | Path, source: str = "t1", target: str = "t2"
+) -> dict[str, tuple[Path, Path]]:
+    """Find every subject's source and target file under a BraTS root.
+
+    Args:
+        root: Folder holding the subject folders (at any depth).
+        source: Generic contrast name of the input (``t1``, ``t2``, ``flair``, ``t1ce``).
+        target: Generic contrast name to synthesize.
+
+    Returns:
+        ``{subject_id: (source_path, target_path)}`` sorted by id.
+
+    Raises:
+        DataError: Root missing, no subjects, a file missing, duplicate ids, mixed namings.
+    """
+    _check_contrast(source, "source")
+    _check_contrast(target, "target")
+    if source == target:
+        raise ConfigError(f"source and target contrast are both {source!r}")
+    _, found = _scan(root, (source, target))
+    return {sid: (files[source], files[target]) for sid, files in found.items()}
+
+
+def find_source_only(root: str | Path, contrast: str = "t1") -> dict[str, Path]:
+    """Find every subject's file of one contrast, for prediction inputs without a target.
+
+    Returns:
+        ``{subject_id: path}`` sorted by id; every subject found must have the contrast.
+    """
+    _check_contrast(contrast, "source")
+    _, found = _scan(root, (contrast,))
+    return {sid: files[contrast] for sid, files in found.items()}
+
+
+class BratsDataset(Dataset):
+    """Paired volumes from a BraTS release folder (any year's naming).
+
+    Args:
+        root: Folder of subject folders, e.g. ``MICCAI_BraTS_2018_Data_Training``.
+        source: Generic contrast name of the input (the paper: ``t1``).
+        target: Generic contrast name to synthesize (the paper: ``t2``).
+        mask: Per-subject file whose nonzero voxels are the brain mask, named
+            like the contrasts: ``"seg"`` (the tumour labels), a contrast name,
+            or a literal suffix such as ``"brainmask"`` for ``<id>_brainmask.nii.gz``.
+            ``None`` (the paper): the nonzero voxels of the source.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | Path,
+        source: str = "t1",
+        target: str = "t2",
+        mask: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.source = source
+        self.target = target
+        self.mask = mask
+        _check_contrast(source, "source")
+        _check_contrast(target, "target")
+        if source == target:
+            raise ConfigError(f"source and target contrast are both {source!r}")
+        contrasts = (source, target) if mask is None else (source, target, mask)
+        self.naming_, self._files = _scan(self.root, contrasts)
+
+    def subject_ids(self) -> list[str]:
+        """Return the subject ids, sorted."""
+        return sorted(self._files)
+
+    def load(self, subject_id: str) -> SubjectVolumes:
+        """Load and validate one subject's source, target (and mask) volumes."""
+        files = self._files.get(subject_id)
+        if files is None:
+            raise DataError(f"subject {subject_id}: not found under BraTS root {self.root}")
+        return load_pair(
+            files[self.source],
+            files[self.target],
+            subject_id=subject_id,
+            mask_path=files[self.mask] if self.mask is not None else None,
+            source_role=_ROLE[self.source],
+            target_role=_ROLE[self.target],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BratsDataset(root={str(self.root)!r}, source={self.source!r}, "
+            f"target={self.target!r}, mask={self.mask!r}, subjects={len(self._files)})"
+        )
