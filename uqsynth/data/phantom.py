@@ -61,7 +61,7 @@ Randomness: ``numpy.random.SeedSequence([seed, index])`` (the sequence that
 ``numpy.random.default_rng([seed, index])`` uses) is split into one stream per
 component (anatomy, lesion, tissues, sequences, noise), and every random field
 lives on a lattice fixed in millimetres, so a subject is identical across runs
-and platforms, its anatomy does not depend on the grid it is sampled on, and
+(on a given platform), its anatomy does not depend on the grid it is sampled on, and
 changing ``lesion_probability`` only adds or removes lesions.
 
 References:
@@ -311,32 +311,37 @@ _COARSE = _Lattice(origin=(-128.0, -128.0, -128.0), step=8.0, shape=(33, 33, 33)
 _FINE = _Lattice(origin=(-92.0, -108.0, -78.0), step=2.0, shape=(93, 109, 79))
 
 
-def _bspline_weights(positions: np.ndarray, size: int) -> np.ndarray:
-    """Cubic B-spline weights (len(positions) x size) of lattice nodes, clamped at the ends."""
+def _bspline_taps(positions: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lattice nodes (4 x n, clamped at the ends) and cubic B-spline weights (4 x n)."""
     base = np.floor(positions)
-    f = (positions - base)[:, None]
-    weights = np.hstack(
+    f = positions - base
+    weights = np.stack(
         [(1 - f) ** 3, 3 * f**3 - 6 * f**2 + 4, -3 * f**3 + 3 * f**2 + 3 * f + 1, f**3]
-    ) / 6.0
-    nodes = np.clip(base.astype(int)[:, None] + np.arange(-1, 3), 0, size - 1)
-    matrix = np.zeros((len(positions), size), np.float32)
-    np.add.at(matrix, (np.arange(len(positions))[:, None], nodes), weights)
-    return matrix
+    )
+    nodes = np.clip(base.astype(int) + np.arange(-1, 3)[:, None], 0, size - 1)
+    return nodes, (weights / 6.0).astype(np.float32)
 
 
 def _sample_on_grid(lattice: _Lattice, values: np.ndarray, axes_mm) -> np.ndarray:
     """Sample a lattice field at the image grid points (cubic B-spline, C2-smooth).
 
     The grid is a product of three axes, so the interpolation separates into
-    three small matrix products, much faster than interpolating point by point.
+    four-tap filters along each axis (the outermost last, where the gathers
+    copy whole contiguous planes). Plain numpy on purpose: small multithreaded
+    BLAS calls spin and slow everything else down on a busy 2-core machine.
     """
-    w0, w1, w2 = (
-        _bspline_weights((np.asarray(ax) - o) / lattice.step, n)
-        for ax, o, n in zip(axes_mm, lattice.origin, lattice.shape)
-    )
-    n0, n1, n2 = lattice.shape
-    out = (w0 @ values.reshape(n0, n1 * n2)).reshape(-1, n1, n2)
-    return np.matmul(w1, out) @ w2.T
+    out = values
+    for axis in (2, 1, 0):
+        nodes, weights = _bspline_taps(
+            (np.asarray(axes_mm[axis]) - lattice.origin[axis]) / lattice.step, lattice.shape[axis]
+        )
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        acc = np.take(out, nodes[0], axis=axis) * weights[0].reshape(shape)
+        for tap in range(1, 4):
+            acc += np.take(out, nodes[tap], axis=axis) * weights[tap].reshape(shape)
+        out = acc
+    return out
 
 
 def _sample_at(lattice: _Lattice, values: np.ndarray, points) -> np.ndarray:

@@ -1,0 +1,125 @@
+"""Training through `uqsynth run`: layout, logs, learned p, resume, phantom round trip."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tomllib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uqsynth.cli import main
+from uqsynth.data.brats import BratsDataset
+
+TINY = """
+[run]
+name = "tiny"
+seed = 3
+
+[data]
+source = "phantom"
+image_size = 16
+load_size = 20
+test_fraction = 0.34
+
+[data.phantom]
+subjects = 3
+shape = [24, 28, 20]
+
+[model]
+generator = { name = "unet", ngf = 4 }
+discriminator = { name = "patchgan", ndf = 8 }
+
+[train]
+epochs = 2
+batch_size = 8
+max_steps_per_epoch = 3
+
+[arms.mc]
+stochastic_layer = { name = "mc_dropout", p = 0.5 }
+positions = [2, 3]
+lambda_kl = 0.0
+
+[arms.concrete]
+stochastic_layer = { name = "concrete_dropout", init_p = 0.1 }
+positions = [2, 3]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    config = root / "tiny.toml"
+    config.write_text(TINY)
+    status = main(["run", str(config), "--out", str(root / "out"), "--device", "cpu"])
+    return root, config, status
+
+
+def read_log(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_trains_every_arm_then_stops_honestly_at_sampling(tiny_run, capsys):
+    root, _, status = tiny_run
+    assert status == 3  # the sampling stage does not exist yet, and says so
+    out = root / "out"
+    saved = tomllib.loads((out / "config.toml").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["data"]["phantom"]["subjects"] == 3
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) == 2 and len(split["test"]) == 1
+    for arm in ("mc", "concrete"):
+        rows = read_log(out / arm / "train_log.csv")
+        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        assert all(float(r["seconds"]) > 0 and float(r["loss_d"]) > 0 for r in rows)
+        weights = load_file(out / arm / "generator.safetensors")
+        assert any(name.endswith("p_logit") for name in weights) == (arm == "concrete")
+
+
+def test_concrete_arm_learns_and_reports_its_dropout_probabilities(tiny_run):
+    root, _, _ = tiny_run
+    rows = read_log(root / "out" / "concrete" / "train_log.csv")
+    probabilities = [float(rows[-1][f"p_{i}"]) for i in (1, 2)]
+    assert all(abs(p - 0.1) > 1e-5 for p in probabilities)  # moved away from init_p
+    assert "p_1" not in read_log(root / "out" / "mc" / "train_log.csv")[0]
+
+
+def test_rerun_resumes_and_more_epochs_continue_from_the_checkpoint(tiny_run, capsys):
+    root, config, _ = tiny_run
+    out = root / "out"
+    before = load_file(out / "concrete" / "generator.safetensors")
+    assert main(["run", str(config), "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "arm concrete: already trained (2 epochs), skipping" in err
+    after = load_file(out / "concrete" / "generator.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resumed_training_matches_uninterrupted_training(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY.split("[arms.mc]")[0] + "[arms.concrete]" + TINY.split("[arms.concrete]")[1])
+    one = tmp_path / "straight"
+    assert main(["run", str(config), "--out", str(one)]) == 3
+    two = tmp_path / "resumed"
+    assert main(["run", str(config), "--out", str(two), "--set", "train.epochs=1"]) == 3
+    assert main(["run", str(config), "--out", str(two)]) == 3
+    assert "resuming after epoch 1 of 2" in capsys.readouterr().err
+    a = load_file(one / "concrete" / "generator.safetensors")
+    b = load_file(two / "concrete" / "generator.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_phantom_command_writes_subjects_the_brats_loader_reads(tmp_path):
+    out = tmp_path / "P"
+    assert main(["phantom", "--out", str(out), "--subjects", "3", "--seed", "1"]) == 0
+    dataset = BratsDataset(root=out)
+    assert len(dataset.subject_ids()) == 3
+    subject = dataset.load(dataset.subject_ids()[0])
+    assert subject.source.shape == subject.target.shape and subject.mask.any()
+
+
+def test_bad_subject_count_for_phantom_is_a_user_error(tmp_path, capsys):
+    assert main(["phantom", "--out", str(tmp_path / "P"), "--subjects", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --subjects must be at least 1, found 0"
