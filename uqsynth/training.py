@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from uqsynth._files import atomic_path, atomic_write_text
 from uqsynth.config import ArmConfig, Config
+from uqsynth.errors import ConfigError
 from uqsynth.layers.base import sampling, stochastic_layers, total_regularizer
 from uqsynth.losses import AdversarialLoss, discriminator_objective, generator_objective
 from uqsynth.models.base import Discriminator, Generator
@@ -66,12 +67,39 @@ def build_generator(config: Config, arm: ArmConfig, host: PluginHost) -> Generat
 
 
 def build_arm(config: Config, arm: ArmConfig, host: PluginHost) -> ArmModels:
+    """Build the arm's networks and check they accept slices of ``data.image_size``."""
     spec = config.model
-    return ArmModels(
+    models = ArmModels(
         generator=build_generator(config, arm, host),
         discriminator=host["discriminator"].create(spec.discriminator.name, in_channels=2, **spec.discriminator.params),
         adversarial_loss=host["adversarial_loss"].create(spec.adversarial_loss.name, **spec.adversarial_loss.params),
     )
+    check_image_size(models, config.data.image_size)
+    return models
+
+
+def check_image_size(models: ArmModels, size: int) -> None:
+    """A dry forward pass at ``size``, so a too-small slice is a configuration error, not a crash mid-training."""
+    probe = torch.zeros(2, models.generator.in_channels, size, size)
+    networks = (("model.generator", models.generator), ("model.discriminator", models.discriminator))
+    for key, network in networks:
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.no_grad():
+                if key == "model.generator":
+                    output = network(probe)
+                    if output.shape[-2:] != probe.shape[-2:]:
+                        raise RuntimeError(f"it returned {tuple(output.shape[-2:])} slices")
+                else:
+                    network(probe, probe)
+        except RuntimeError as exc:
+            message = str(exc).splitlines()[0]
+            raise ConfigError(
+                f"{key} ({type(network).__name__}) cannot take {size}x{size} slices (data.image_size): {message}"
+            ) from None
+        finally:
+            network.train(was_training)
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:

@@ -13,11 +13,11 @@ deformation and a per-axis scale map onto the image):
   random polynomial of degree <= 3 in the direction (the span of the spherical
   harmonics of degree <= 3), flattened at the base.
 * The cortex is a grey-matter (GM) ribbon below a thin CSF layer. Sulci are the
-  zero level set of a band-passed random field (a maze of sheets about 15-20 mm
+  zero level set of a band-passed random field (a maze of sheets about 12 mm
   apart), cut from the surface down to a depth that varies over the brain;
   each sulcus holds a thin CSF sheet lined by GM, and white matter (WM) starts
   one GM thickness (itself a smooth field, 2-4.5 mm) away from any CSF. An
-  interhemispheric fissure splits the hemispheres from above.
+  interhemispheric fissure cuts between the hemispheres.
 * Two lateral ventricles (body, frontal, occipital and temporal horns; tilted
   so that a coronal slice shows the butterfly), a third ventricle and deep GM
   nuclei (thalamus, caudate head, lentiform nucleus) sit near the centre.
@@ -54,15 +54,16 @@ Gaussian noise, sigma 2-4 % of white matter). Volumes are skull-stripped: exactl
 zero outside the brain mask and positive inside it.
 
 With the table's typical values edema and GM differ by about 12 % in T1w but
-by about 50 % in T2w (edema's T2 is twice GM's while their T1 overlap), so no
-T1w -> T2w model can tell which one it is looking at from intensity alone.
+by about 50 % in T2w (edema's T2 is twice GM's while their T1 overlap): under
+bias and noise the T1w barely tells them apart, yet the T2w it must predict
+differs a lot, so the mapping carries real ambiguity.
 
 Randomness: ``numpy.random.SeedSequence([seed, index])`` (the sequence that
 ``numpy.random.default_rng([seed, index])`` uses) is split into one stream per
 component (anatomy, lesion, tissues, sequences, noise), and every random field
 lives on a lattice fixed in millimetres, so a subject is identical across runs
-(on a given platform), its anatomy does not depend on the grid it is sampled on, and
-changing ``lesion_probability`` only adds or removes lesions.
+(on a given platform), its anatomy does not depend on the grid it is sampled
+on, and changing ``lesion_probability`` only adds or removes lesions.
 
 References:
     Wansapura J.P., Holland S.K., Dunn R.S., Ball W.S. (1999). NMR relaxation
