@@ -65,3 +65,8 @@ def test_unavailable_cuda_device_is_refused(tmp_path, capsys):
     config.write_text('[arms.a]\nstochastic_layer = "mc_dropout"\n')
     assert main(["run", str(config), "--device", "cuda:0", "--out", str(tmp_path / "o")]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_debug_before_the_subcommand_also_shows_the_traceback(tmp_path, capsys):
+    assert main(["--debug", "run", str(tmp_path / "none.toml")]) == 2
+    assert "Traceback" in capsys.readouterr().err

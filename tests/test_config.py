@@ -160,3 +160,39 @@ def test_fallback_profile_applies_only_when_the_files_root_is_missing(tmp_path):
 def test_unknown_profile_is_an_error():
     raw = {**ARMS, "data": {"root": "/nonexistent/x", "fallback_profile": "phantm"}, "profiles": {"phantom": {}}}
     assert error_of(raw) == 'c.toml: data.fallback_profile: no [profiles.phantm] table (did you mean "phantom"?)'
+
+
+def test_load_size_defaults_to_the_papers_ratio():
+    assert load(ARMS).data.load_size == 286
+    assert load(ARMS, "data.image_size=64").data.load_size == 72
+    assert load(ARMS, "data.image_size=128").data.load_size == 143
+    assert "data.load_size (100) must be >= data.image_size (128)" in error_of(
+        ARMS, "data.image_size=128", "data.load_size=100"
+    )
+
+
+def test_test_fraction_must_leave_training_subjects():
+    assert "data.test_fraction must be < 1.0, found 1.0" in error_of({**ARMS, "data": {"test_fraction": 1.0}})
+
+
+@pytest.mark.parametrize("name", ["../escape", "config.toml/x", ".hidden", "a b"])
+def test_arm_names_must_be_safe_folder_names(name):
+    raw = {"arms": {name: {"stochastic_layer": "mc_dropout"}}}
+    assert f"arms.{name}: an arm name becomes a folder name" in error_of(raw)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("[run]\nname = 'caf\xe9'\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(path)
+
+
+def test_choosing_the_data_on_the_command_line_disables_the_fallback(tmp_path):
+    raw = {
+        **ARMS,
+        "data": {"source": "brats", "root": str(tmp_path / "absent"), "fallback_profile": "phantom"},
+        "profiles": {"phantom": {"data.image_size": 64}},
+    }
+    config = load(raw, "data.source=phantom")
+    assert (config.data.source, config.data.image_size, config.notes) == ("phantom", 256, [])

@@ -41,12 +41,6 @@ def test_pip_installed_plugin_is_listed_with_its_distribution(installed):
     assert {"name": "gaussian_shift_scale", **expected} in data["calibrator"]
 
 
-def test_without_the_install_it_is_absent():
-    env = {k: v for k, v in os.environ.items() if k != "UQSYNTH_DISABLE_PLUGIN_AUTOLOAD"}
-    data = json.loads(uqsynth(env, "plugins", "--json").stdout)
-    assert "gaussian_dropout" not in [item["name"] for item in data["stochastic_layer"]]
-
-
 def test_plugin_layer_is_usable_by_name_in_a_toml(installed, tmp_path):
     config = tmp_path / "gaussian.toml"
     config.write_text('[arms.gaussian]\nstochastic_layer = { name = "gaussian_dropout", p = 0.3 }\n')
@@ -68,3 +62,13 @@ def test_plugin_layer_is_usable_by_name_in_a_toml(installed, tmp_path):
     name, variance = result.stdout.split()
     assert name == "GaussianDropout"
     assert abs(float(variance) - 0.3 / 0.7) < 0.06   # multiplicative noise variance p/(1-p)
+
+
+def test_example_layer_passes_the_stochastic_layer_contract(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
+    from uqsynth_gaussian_dropout import GaussianDropout
+
+    from uqsynth.testing import check_stochastic_layer
+
+    check_stochastic_layer(lambda: GaussianDropout(p=0.3))
+    check_stochastic_layer(lambda: GaussianDropout(p=0.2, channelwise=True))

@@ -21,7 +21,6 @@ seed = 3
 [data]
 source = "phantom"
 image_size = 32
-load_size = 36
 test_fraction = 0.34
 
 [data.phantom]
@@ -86,7 +85,7 @@ def test_concrete_arm_learns_and_reports_its_dropout_probabilities(tiny_run):
     assert "p_1" not in read_log(root / "out" / "mc" / "train_log.csv")[0]
 
 
-def test_rerun_resumes_and_more_epochs_continue_from_the_checkpoint(tiny_run, capsys):
+def test_rerun_of_a_finished_run_skips_training_and_keeps_the_weights(tiny_run, capsys):
     root, config, _ = tiny_run
     out = root / "out"
     before = load_file(out / "concrete" / "generator.safetensors")
@@ -132,3 +131,24 @@ def test_slices_too_small_for_the_discriminator_are_a_configuration_error(tmp_pa
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: model.discriminator (PatchGANDiscriminator) cannot take 16x16 slices (data.image_size)")
+
+
+def test_bad_input_leaves_no_run_directory(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "o"
+    assert main(["run", str(config), "--out", str(out), "--set", "data.image_size=48"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: arms.mc: cannot build generator unet / discriminator patchgan at data.image_size 48")
+    assert "power of two" in err
+    assert not out.exists()
+
+
+def test_an_out_directory_holding_another_configuration_is_refused(tiny_run, capsys):
+    root, config, _ = tiny_run
+    out = root / "out"
+    saved = (out / "config.toml").read_text()
+    assert main(["run", str(config), "--out", str(out), "--set", "train.lr=0.001"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --out {out} holds a run with a different configuration (train.lr: 0.0002 there, 0.001 now)")
+    assert (out / "config.toml").read_text() == saved

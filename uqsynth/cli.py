@@ -30,10 +30,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="uqsynth", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    # Subcommands accept --debug too; SUPPRESS keeps them from resetting `uqsynth --debug run ...`.
     common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
 
-    parser = _Parser(prog="uqsynth", description=__doc__.splitlines()[0], parents=[common])
     parser.add_argument("--version", action="version", version=f"uqsynth {uqsynth.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

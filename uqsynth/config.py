@@ -14,7 +14,8 @@ raw tables before validation so they get the same checks.
 
 Profiles are named override tables in the file (``[profiles.<name>]``).
 They apply in this order: the file; ``data.fallback_profile`` when
-``data.root`` does not exist (so the paper's configuration runs on the
+``data.root`` does not exist and neither ``data.root`` nor ``data.source``
+was chosen with ``--set`` (so the paper's configuration runs on the
 built-in phantom on a fresh clone, and says so); ``--smoke`` (first
 :data:`SMOKE_OVERRIDES`, then ``[profiles.smoke]``); and ``--set`` last.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 import tomllib
 import types
 import typing
@@ -65,17 +67,21 @@ class DataConfig:
     source: str = field(default="phantom", metadata={"doc": "Registered dataset plugin name."})
     root: str | None = field(default=None, metadata={"doc": "Data directory, for datasets that read files."})
     image_size: int = field(default=256, metadata={"doc": "Side of the square slices the networks see.", "min": 8})
-    load_size: int = field(default=286, metadata={"doc": "Resize before the random training crop.", "min": 8})
+    load_size: int | None = field(
+        default=None,
+        metadata={"doc": "Resize before the random training crop; default image_size * 286 / 256.", "min": 8},
+    )
     min_brain_fraction: float = field(
         default=0.02, metadata={"doc": "Training skips slices with less brain than this.", "min": 0.0, "max": 1.0}
     )
     test_fraction: float = field(
-        default=0.2, metadata={"doc": "Fraction of subjects held out for testing.", "min": 0.0, "max": 1.0}
+        default=0.2,
+        metadata={"doc": "Fraction of subjects held out for testing.", "min_exclusive": 0.0, "max_exclusive": 1.0},
     )
     test_subjects: list[str] = field(default_factory=list, metadata={"doc": "Explicit test ids (overrides test_fraction)."})
     fallback_profile: str | None = field(
         default=None,
-        metadata={"doc": "Profile applied when data.root does not exist (unless data.root was given with --set)."},
+        metadata={"doc": "Profile applied when data.root does not exist (unless data.root/source come from --set)."},
     )
     options: dict[str, dict[str, Any]] = field(
         default_factory=dict, metadata={"doc": "Per-plugin tables [data.<plugin>], passed to that dataset plugin."}
@@ -149,7 +155,6 @@ class Config:
 #: What ``--smoke`` sets before a file's own ``[profiles.smoke]``: a tiny, fast run.
 SMOKE_OVERRIDES: dict[str, Any] = {
     "data.image_size": 32,
-    "data.load_size": 36,
     "train.epochs": 1,
     "train.batch_size": 4,
     "train.max_steps_per_epoch": 3,
@@ -185,7 +190,7 @@ def load_config(
     Args:
         path: The TOML file.
         overrides: ``"key.path=value"`` strings, applied after ``--smoke``.
-        smoke: Apply :data:`SMOKE_OVERRIDES` and the file's ``[smoke]`` table.
+        smoke: Apply :data:`SMOKE_OVERRIDES` and the file's ``[profiles.smoke]``.
         host: When given, it must have no broken plugin, and plugin names and
             parameters are checked against it.
 
@@ -198,6 +203,8 @@ def load_config(
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
@@ -231,8 +238,8 @@ def config_from_dict(
 
     fallback = _get_path(raw, "data.fallback_profile")
     root = _get_path(raw, "data.root")
-    root_overridden = any(key == "data.root" for _, key, _ in parsed)
-    if isinstance(fallback, str) and isinstance(root, str) and not root_overridden and not Path(root).exists():
+    data_chosen = any(key in ("data.root", "data.source") for _, key, _ in parsed)
+    if isinstance(fallback, str) and isinstance(root, str) and not data_chosen and not Path(root).exists():
         apply_profile(fallback, "data.fallback_profile")
         origins.notes.append(f"data.root {root} does not exist: applied [profiles.{fallback}] (data.fallback_profile)")
     if smoke:
@@ -443,6 +450,8 @@ def _check_bounds(value: Any, metadata: Mapping[str, Any], path: str, origins: _
         problem = f"must be <= {metadata['max']}"
     elif "min_exclusive" in metadata and value <= metadata["min_exclusive"]:
         problem = f"must be > {metadata['min_exclusive']}"
+    elif "max_exclusive" in metadata and value >= metadata["max_exclusive"]:
+        problem = f"must be < {metadata['max_exclusive']}"
     elif "min_len" in metadata and len(value) < metadata["min_len"]:
         problem = f"needs at least {metadata['min_len']} entry"
         value = len(value)
@@ -450,7 +459,19 @@ def _check_bounds(value: Any, metadata: Mapping[str, Any], path: str, origins: _
         raise ConfigError(f"{origins.where(path)}: {path} {problem}, found {value!r}")
 
 
+#: Arm names become folder names in the run directory.
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def _check_cross_fields(config: Config, origins: _Origins) -> None:
+    for arm in config.arms:
+        if not ARM_NAME.fullmatch(arm):
+            raise ConfigError(
+                f"{origins.where('arms.' + arm)}: arms.{arm}: an arm name becomes a folder name, so it must be "
+                "letters, digits, '_', '.' or '-' and start with a letter or digit"
+            )
+    if config.data.load_size is None:
+        config.data.load_size = round(config.data.image_size * 286 / 256)  # the paper's ratio
     if config.data.load_size < config.data.image_size:
         raise ConfigError(
             f"{origins.where('data.load_size')}: data.load_size ({config.data.load_size}) must be >= "

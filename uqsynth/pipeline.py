@@ -1,8 +1,9 @@
 """``uqsynth run``: validate the configuration, then run the stages in order.
 
-Stages: train -> sample -> calibrate -> evaluate -> report. Everything is
-validated before the run directory is touched, so a bad configuration leaves
-no output behind. A stage this version does not have says so and stops the
+Stages: train -> sample -> calibrate -> evaluate -> report. Everything that
+can be checked (configuration, plugins, data, split, the networks at the
+configured slice size, an existing run in ``--out``) is checked before the
+run directory is touched, so bad input leaves no output behind. A stage this version does not have says so and stops the
 run with a non-zero status rather than pretending.
 """
 
@@ -13,20 +14,21 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import uqsynth
 from uqsynth._files import atomic_write_text
-from uqsynth.config import Config, PluginSpec, dumps_config, load_config
+from uqsynth.config import Config, PluginSpec, config_to_dict, dumps_config, load_config
 from uqsynth.data.base import Dataset
 from uqsynth.data.slices import TrainSlices
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.errors import ConfigError, StageNotImplemented
 from uqsynth.plugins import PluginHost, get_host
-from uqsynth.training import Trainer, build_arm, seed_everything
+from uqsynth.training import ArmModels, Trainer, build_arm, seed_everything
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -83,6 +85,7 @@ class RunContext:
     device: torch.device
     dataset: Dataset | None = None
     split: Split | None = None
+    models: dict[str, ArmModels] = field(default_factory=dict)
 
 
 def _takes_root(host: PluginHost, dataset: str) -> bool:
@@ -99,8 +102,12 @@ def build_dataset(config: Config, host: PluginHost) -> Dataset:
     return host["dataset"].create(config.data.source, **params)
 
 
-def stage_train(context: RunContext) -> None:
-    """Train every arm on the training subjects (resuming finished epochs)."""
+def prepare(context: RunContext) -> None:
+    """Everything that can fail on bad input, before the run directory is touched.
+
+    Builds the dataset and the split, and each arm's networks (checked on a
+    slice of ``data.image_size``); the networks are kept for training.
+    """
     config = context.config
     context.dataset = build_dataset(config, context.host)
     context.split = split_subjects(
@@ -109,6 +116,45 @@ def stage_train(context: RunContext) -> None:
         seed=config.run.seed,
         test_ids=config.data.test_subjects or None,
     )
+    for arm_name, arm in config.arms.items():
+        seed_everything(config.run.seed)  # every arm starts from the same weights
+        context.models[arm_name] = build_arm(config, arm_name, context.host)
+
+
+def check_existing_run(out_dir: Path, config: Config) -> None:
+    """Refuse an ``--out`` that holds a run of another configuration (more epochs are fine)."""
+    saved = out_dir / "config.toml"
+    if not saved.exists():
+        return
+    try:
+        old = tomllib.loads(saved.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--out {out_dir}: its config.toml is unreadable ({exc}); choose another --out") from None
+    new = config_to_dict(config)
+    for tables in (old, new):
+        tables.get("train", {}).pop("epochs", None)
+        tables.get("run", {}).pop("device", None)
+    difference = _first_difference(old, new)
+    if difference:
+        raise ConfigError(
+            f"--out {out_dir} holds a run with a different configuration ({difference}); "
+            "choose another --out or delete it"
+        )
+
+
+def _first_difference(old: object, new: object, path: str = "") -> str | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path}: {old!r} there, {new!r} now"
+
+
+def stage_train(context: RunContext) -> None:
+    """Train every arm on the training subjects (resuming finished epochs)."""
+    config = context.config
     split_record = {"train": context.split.train, "test": context.split.test}
     atomic_write_text(context.out_dir / "split.json", json.dumps(split_record, indent=2) + "\n")
     started = time.perf_counter()
@@ -124,9 +170,8 @@ def stage_train(context: RunContext) -> None:
         f"{len(context.split.test)} test subjects; loaded in {time.perf_counter() - started:.1f} s",
         file=sys.stderr,
     )
-    for arm_name, arm in config.arms.items():
-        seed_everything(config.run.seed)  # every arm starts from the same weights
-        models = build_arm(config, arm, context.host)
+    for arm_name in config.arms:
+        models = context.models[arm_name]
         Trainer(config, arm_name, models, train_set, context.out_dir / arm_name, context.device).fit()
 
 
@@ -163,15 +208,17 @@ def run_pipeline(
     if device is not None:
         config.run.device = device
     torch_device = resolve_device(config.run.device)
-    out_dir = Path(out) if out is not None else Path("runs") / config.run.name
+    out_dir = Path(out) if out is not None else Path("runs") / (config.run.name + ("-smoke" if smoke else ""))
     for line in [*config.notes, *describe_run(config, host, out_dir, torch_device, smoke)]:
         print(line, file=sys.stderr)
+    context = RunContext(config, host, out_dir, torch_device)
+    prepare(context)
+    check_existing_run(out_dir, config)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out_dir}: cannot create the run directory: {exc.strerror or exc}") from None
     atomic_write_text(out_dir / "config.toml", dumps_config(config))
-    context = RunContext(config, host, out_dir, torch_device)
     for _name, stage in STAGES:
         stage(context)
     return 0

@@ -66,14 +66,28 @@ def build_generator(config: Config, arm: ArmConfig, host: PluginHost) -> Generat
     )
 
 
-def build_arm(config: Config, arm: ArmConfig, host: PluginHost) -> ArmModels:
-    """Build the arm's networks and check they accept slices of ``data.image_size``."""
+def build_arm(config: Config, arm_name: str, host: PluginHost) -> ArmModels:
+    """Build the arm's networks and check they accept slices of ``data.image_size``.
+
+    A plugin refusing its arguments (``ValueError``/``TypeError``, e.g. a
+    U-Net asked for a size that is not a power of two) is a configuration
+    error naming the arm and the plugin.
+    """
     spec = config.model
-    models = ArmModels(
-        generator=build_generator(config, arm, host),
-        discriminator=host["discriminator"].create(spec.discriminator.name, in_channels=2, **spec.discriminator.params),
-        adversarial_loss=host["adversarial_loss"].create(spec.adversarial_loss.name, **spec.adversarial_loss.params),
-    )
+    arm = config.arms[arm_name]
+    try:
+        models = ArmModels(
+            generator=build_generator(config, arm, host),
+            discriminator=host["discriminator"].create(
+                spec.discriminator.name, in_channels=2, **spec.discriminator.params
+            ),
+            adversarial_loss=host["adversarial_loss"].create(spec.adversarial_loss.name, **spec.adversarial_loss.params),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"arms.{arm_name}: cannot build generator {spec.generator.name} / discriminator "
+            f"{spec.discriminator.name} at data.image_size {config.data.image_size}: {exc}"
+        ) from None
     check_image_size(models, config.data.image_size)
     return models
 
@@ -93,7 +107,7 @@ def check_image_size(models: ArmModels, size: int) -> None:
                         raise RuntimeError(f"it returned {tuple(output.shape[-2:])} slices")
                 else:
                     network(probe, probe)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             message = str(exc).splitlines()[0]
             raise ConfigError(
                 f"{key} ({type(network).__name__}) cannot take {size}x{size} slices (data.image_size): {message}"
@@ -246,8 +260,13 @@ class Trainer:
         if self.load_checkpoint():
             if self.epoch >= epochs:
                 self.log(f"arm {self.arm_name}: already trained ({self.epoch} epochs), skipping")
+                if not (self.out_dir / GENERATOR_WEIGHTS).exists():  # killed between checkpoint and export
+                    self.save_generator()
                 return
             self.log(f"arm {self.arm_name}: resuming after epoch {self.epoch} of {epochs}")
+        else:
+            # A fresh arm's crops and masks must not depend on what ran before it in this process.
+            seed_everything(self.config.run.seed)
         self.generator.train()
         self.discriminator.train()
         steps = self.steps_per_epoch()

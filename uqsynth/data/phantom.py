@@ -78,8 +78,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +85,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from uqsynth._files import atomic_path
 from uqsynth.data.base import Dataset, SubjectVolumes
 from uqsynth.errors import DataError
 
@@ -924,14 +923,8 @@ def write_subjects(
 
 
 def _save_atomically(image, path: Path) -> None:
-    """Save to a temporary file beside ``path``, then rename: readers never see half a file."""
+    """Save a NIfTI image so readers never see half a file."""
     import nibabel as nib
 
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

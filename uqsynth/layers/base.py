@@ -84,6 +84,13 @@ class StochasticLayer(nn.Module):
         return torch.device("cpu")
 
 
+def mask_shape(x: torch.Tensor, channelwise: bool) -> tuple[int, ...]:
+    """Shape of a dropout mask for ``x``: per element, or one value per sample and channel."""
+    if channelwise:
+        return (*x.shape[:2], *([1] * (x.dim() - 2)))
+    return tuple(x.shape)
+
+
 def stochastic_layers(model: nn.Module) -> Iterator[StochasticLayer]:
     """Yield every :class:`StochasticLayer` inside ``model`` in module order."""
     for module in model.modules():

@@ -29,8 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from uqsynth.layers.base import StochasticLayer
-from uqsynth.layers.mc_dropout import mask_shape
+from uqsynth.layers.base import StochasticLayer, mask_shape
 
 
 class ConcreteDropout(StochasticLayer):

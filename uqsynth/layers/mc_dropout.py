@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from uqsynth.layers.base import StochasticLayer
-
-
-def mask_shape(x: torch.Tensor, channelwise: bool) -> tuple[int, ...]:
-    """Shape of a dropout mask for ``x``: per element, or one value per sample and channel."""
-    if channelwise:
-        return (*x.shape[:2], *([1] * (x.dim() - 2)))
-    return tuple(x.shape)
+from uqsynth.layers.base import StochasticLayer, mask_shape
 
 
 class MCDropout(StochasticLayer):

@@ -7,6 +7,7 @@ import math
 import torch
 
 import uqsynth
+from uqsynth.layers import mask_shape
 
 
 class GaussianDropout(uqsynth.StochasticLayer):
@@ -29,8 +30,7 @@ class GaussianDropout(uqsynth.StochasticLayer):
         self.channelwise = bool(channelwise)
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (*x.shape[:2], *([1] * (x.dim() - 2))) if self.channelwise else x.shape
-        noise = torch.randn(shape, device=x.device, dtype=x.dtype)
+        noise = torch.randn(mask_shape(x, self.channelwise), device=x.device, dtype=x.dtype)
         return x * (1.0 + math.sqrt(self.p / (1.0 - self.p)) * noise)
 
     def extra_repr(self) -> str:
