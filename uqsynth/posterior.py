@@ -224,14 +224,15 @@ class PosteriorSampler:
                     draws = self._suffix(tuple(t.repeat_interleave(k, dim=0) for t in cache))
                 else:
                     draws = self._full(x.repeat_interleave(k, dim=0))
-                draws = draws.float().reshape(n, k, *draws.shape[1:])
+                # bf16/fp16 outputs are widened; float64 stays float64 (exactness tests rely on it)
+                draws = draws.to(torch.promote_types(draws.dtype, torch.float32)).reshape(n, k, *draws.shape[1:])
                 moments.update(draws, dim=1)
                 if keep:
                     kept.append(draws.to("cpu"))
         samples = torch.cat(kept, dim=1) if keep else None
         quantiles = None
         if options.quantiles:
-            levels = torch.tensor(list(options.quantiles), dtype=torch.float32)
+            levels = torch.tensor(list(options.quantiles), dtype=samples.dtype)
             quantiles = torch.quantile(samples, levels, dim=1).movedim(0, 1).contiguous()
         return Posterior(
             mean=moments.mean.float().cpu(),
