@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true", help="the same pipeline at a tiny size, to check the wiring")
     run.set_defaults(func=_cmd_run)
 
+    predict = commands.add_parser("predict", parents=[common], help="posterior mean, std and interval maps as NIfTI")
+    predict.add_argument("--model", required=True, help="a trained arm, RUN/<arm>")
+    predict.add_argument("--input", dest="inputs", action="append", required=True, metavar="PATH",
+                         help="a T1w NIfTI file, or a folder of subjects in BraTS naming (repeatable)")
+    predict.add_argument("--out", required=True, help="directory for <stem>_{mean,std,lower,upper}.nii.gz")
+    predict.add_argument("--samples", type=int, help="T (default: the run's sampling.samples)")
+    predict.add_argument("--level", type=float, default=0.95, help="central interval level (default 0.95)")
+    predict.add_argument("--device", help="auto, cpu or cuda[:i] (default: the run's)")
+    predict.add_argument("--rescale-like", metavar="REF", help="map [0, 1] to a reference T2w's intensity range")
+    predict.set_defaults(func=_cmd_predict)
+
     phantom = commands.add_parser("phantom", parents=[common], help="write phantom subjects as NIfTI (BraTS 2023 naming)")
     phantom.add_argument("--out", required=True, help="directory to write subject folders into")
     phantom.add_argument("--subjects", type=int, required=True, help="number of subjects")
@@ -128,6 +139,15 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     for directory in write_subjects(out, args.subjects, seed=args.seed, orientation=args.orientation):
         print(directory)
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from uqsynth.predict import run_predict
+
+    return run_predict(
+        model=args.model, inputs=args.inputs, out=args.out, samples=args.samples, level=args.level,
+        device=args.device, rescale_like=args.rescale_like,
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

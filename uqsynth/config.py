@@ -133,6 +133,15 @@ class SamplingConfig:
     """``[sampling]``: Monte Carlo posterior sampling at test time."""
 
     samples: int = field(default=20, metadata={"doc": "Forward passes T per slice.", "min": 2})
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32", metadata={"doc": "Autocast for sampling (fp16 needs a GPU)."}
+    )
+    memory_budget_mb: float | None = field(
+        default=None, metadata={"doc": "Memory for one batch of slice-samples; default 1024 (CPU), 8192 (GPU).",
+                                "min_exclusive": 0.0}
+    )
+    channels_last: bool = field(default=False, metadata={"doc": "Channels-last memory format."})
+    compile: bool = field(default=False, metadata={"doc": "torch.compile the stochastic remainder."})
 
 
 @dataclass

@@ -28,6 +28,7 @@ from uqsynth.data.slices import TrainSlices
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.errors import ConfigError, StageNotImplemented
 from uqsynth.plugins import PluginHost, get_host
+from uqsynth.posterior import PosteriorSampler
 from uqsynth.training import ArmModels, Trainer, build_arm, seed_everything
 
 
@@ -175,6 +176,31 @@ def stage_train(context: RunContext) -> None:
         Trainer(config, arm_name, models, train_set, context.out_dir / arm_name, context.device).fit()
 
 
+def stage_sample(context: RunContext) -> None:
+    """Posterior mean and std of every test subject, per arm, under ``RUN/<arm>/predictions/``.
+
+    Resumable per subject: volumes whose two files exist are not sampled again.
+    """
+    from uqsynth.predict import posterior_maps, sampler_options, write_maps
+
+    config = context.config
+    for arm_name in config.arms:
+        out_dir = context.out_dir / arm_name / "predictions"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        generator = context.models[arm_name].generator
+        sampler = PosteriorSampler(generator, sampler_options(config), context.device)
+        started, done = time.perf_counter(), 0
+        for subject_id in context.split.test:
+            if all((out_dir / f"{subject_id}_{name}.nii.gz").exists() for name in ("mean", "std")):
+                continue
+            volumes = context.dataset.load(subject_id)
+            maps = posterior_maps(sampler, volumes, image_size=config.data.image_size, level=0.95, progress=True)
+            write_maps({name: maps[name] for name in ("mean", "std")}, volumes, out_dir, subject_id)
+            done += 1
+        print(f"arm {arm_name}: sampled {done} test subject(s) with T={config.sampling.samples} "
+              f"in {time.perf_counter() - started:.1f} s -> {out_dir}", file=sys.stderr)
+
+
 def _not_yet(stage: str) -> Callable[..., None]:
     def run(_context: RunContext) -> None:
         raise StageNotImplemented(
@@ -187,7 +213,7 @@ def _not_yet(stage: str) -> Callable[..., None]:
 
 STAGES: tuple[tuple[str, Callable[..., None]], ...] = (
     ("train", stage_train),
-    ("sample", _not_yet("sample")),
+    ("sample", stage_sample),
     ("calibrate", _not_yet("calibrate")),
     ("evaluate", _not_yet("evaluate")),
     ("report", _not_yet("report")),

@@ -1,0 +1,144 @@
+"""`uqsynth predict` and the run's sampling stage: NIfTI maps in the input's own grid."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from test_training import TINY
+
+from uqsynth.cli import main
+from uqsynth.data.phantom import write_subjects
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    config = root / "tiny.toml"
+    config.write_text(TINY)
+    assert main(["run", str(config), "--out", str(root / "run")]) == 3  # stops at calibration, not built yet
+    phantoms = {}
+    for orientation in ("RAS", "LPS"):
+        (subject,) = write_subjects(root / orientation, 1, seed=7, shape=(40, 44, 32), orientation=orientation)
+        phantoms[orientation] = next(subject.glob("*-t1n.nii.gz"))
+    return root, phantoms
+
+
+def outputs(directory):
+    return sorted(p.name for p in directory.glob("*")) if directory.exists() else []
+
+
+def test_run_stores_mean_and_std_volumes_of_every_test_subject(trained):
+    root, _ = trained
+    run = root / "run"
+    for arm in ("mc", "concrete"):
+        files = outputs(run / arm / "predictions")
+        assert len(files) == 2 and {f.rsplit("_", 1)[1] for f in files} == {"mean.nii.gz", "std.nii.gz"}
+
+
+@pytest.fixture(scope="module")
+def predicted(trained):
+    """`uqsynth predict` on the phantom written in RAS and in LPS orientation."""
+    root, phantoms = trained
+    for orientation, t1 in phantoms.items():
+        assert main(["predict", "--model", str(root / "run" / "concrete"), "--input", str(t1),
+                     "--out", str(root / f"out-{orientation}"), "--samples", "8"]) == 0
+    return root, phantoms
+
+
+def test_predict_reports_the_interval_kind_and_speed(trained, tmp_path, capsys):
+    root, phantoms = trained
+    assert main(["predict", "--model", str(root / "run" / "mc"), "--input", str(phantoms["RAS"]),
+                 "--out", str(tmp_path), "--samples", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "interval: Gaussian at level 0.95 (no fitted calibrator)" in err and "slice-samples/s" in err
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS"])
+def test_predict_writes_four_maps_in_the_inputs_own_grid(predicted, orientation):
+    root, phantoms = predicted
+    t1 = phantoms[orientation]
+    out = root / f"out-{orientation}"
+    reference = nib.load(t1)
+    stem = t1.name[: -len(".nii.gz")]
+    maps = {name: nib.load(out / f"{stem}_{name}.nii.gz") for name in ("mean", "std", "lower", "upper")}
+    brain = np.asanyarray(reference.dataobj) != 0
+    for image in maps.values():
+        assert image.shape == reference.shape
+        assert np.allclose(image.affine, reference.affine)
+        assert nib.aff2axcodes(image.affine) == tuple(orientation)
+        assert image.get_data_dtype() == np.float32
+    std = maps["std"].get_fdata()
+    assert np.all(std[brain] > 0) and np.all(std[~brain] == 0)
+    mean, lower, upper = (maps[n].get_fdata() for n in ("mean", "lower", "upper"))
+    assert np.all(lower[brain] < mean[brain]) and np.all(mean[brain] < upper[brain])
+    assert np.all(mean[~brain] == 0)
+
+
+def test_ras_and_lps_inputs_give_the_same_world_space_prediction(predicted):
+    root, phantoms = predicted
+    images = {}
+    for orientation in ("RAS", "LPS"):
+        stem = phantoms[orientation].name[: -len(".nii.gz")]
+        images[orientation] = nib.as_closest_canonical(nib.load(root / f"out-{orientation}" / f"{stem}_mean.nii.gz"))
+    assert np.allclose(images["RAS"].affine, images["LPS"].affine)
+    # Same seed, same slices in the same canonical order: the same numbers, flipped back.
+    assert np.allclose(images["RAS"].get_fdata(), images["LPS"].get_fdata(), atol=1e-5)
+
+
+def bad_inputs(tmp_path, phantom):
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    reference = nib.load(phantom)
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4)), flat)
+    four = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 3), np.float32), np.eye(4)), four)
+    nan = tmp_path / "nan.nii.gz"
+    data = np.asanyarray(reference.dataobj).astype(np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, reference.affine), nan)
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(phantom.read_bytes()[:400])
+    return {
+        "not a NIfTI file": tmp_path / "plain.txt",
+        "cannot read": text,
+        "2D": flat,
+        "4D": four,
+        "NaN": nan,
+        "truncated": truncated,
+    }
+
+
+@pytest.mark.parametrize("case", ["not a NIfTI file", "cannot read", "2D", "4D", "NaN", "truncated"])
+def test_bad_input_is_one_error_line_and_writes_nothing(trained, tmp_path, case, capsys):
+    root, phantoms = trained
+    (tmp_path / "plain.txt").write_text("x")
+    bad = bad_inputs(tmp_path, phantoms["RAS"])[case]
+    out = tmp_path / "out"
+    # The good input comes first: nothing may be written for it either.
+    status = main(["predict", "--model", str(root / "run" / "concrete"), "--input", str(phantoms["RAS"]),
+                   "--input", str(bad), "--out", str(out), "--samples", "4"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and bad.name in lines[0]
+    assert outputs(out) == []
+
+
+def test_a_model_directory_without_weights_is_refused(trained, tmp_path, capsys):
+    root, phantoms = trained
+    empty = root / "run" / "untrained"
+    empty.mkdir(exist_ok=True)
+    status = main(["predict", "--model", str(empty), "--input", str(phantoms["RAS"]), "--out", str(tmp_path / "o")])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --model {empty}: no generator.safetensors (has this arm finished training?)"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_samples_below_two_are_refused(trained, tmp_path, capsys):
+    root, phantoms = trained
+    status = main(["predict", "--model", str(root / "run" / "concrete"), "--input", str(phantoms["RAS"]),
+                   "--out", str(tmp_path / "o"), "--samples", "1"])
+    assert status == 2 and "--samples must be at least 2" in capsys.readouterr().err

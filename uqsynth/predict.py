@@ -1,0 +1,220 @@
+"""Posterior maps of whole volumes, in the input's own grid, and ``uqsynth predict``.
+
+A trained arm lives in ``RUN/<arm>/`` beside the run's ``config.toml``; its
+generator is rebuilt from that configuration and its weights are read from
+``generator.safetensors`` (no code is unpickled). For each input volume the
+engine draws T samples per axial slice and the per-voxel mean and standard
+deviation are mapped back to the input's grid, orientation and affine.
+
+Intensities: the synthesized image is in the normalized [0, 1] scale the
+model was trained on (each slice divided by its 99.5th percentile of brain
+voxels). ``--rescale-like REF`` multiplies mean, std and interval bounds by
+the 99.5th percentile of a reference T2w's brain voxels, to land in that
+scanner's intensity range.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from uqsynth.config import Config, load_config
+from uqsynth.data.base import SubjectVolumes
+from uqsynth.data.brats import find_source_only
+from uqsynth.data.nifti import is_nifti, load_volume, save_like
+from uqsynth.data.slices import ROBUST_PERCENTILE, EvalVolume, axial_axis
+from uqsynth.errors import ConfigError, DataError
+from uqsynth.models.base import Generator
+from uqsynth.plugins import PluginHost, get_host
+from uqsynth.posterior import PosteriorSampler, SamplerOptions, gaussian_interval
+from uqsynth.training import GENERATOR_WEIGHTS, build_generator
+
+MAPS = ("mean", "std", "lower", "upper")
+
+
+@dataclass
+class TrainedArm:
+    """A trained arm: its run's configuration, its name and its generator."""
+
+    config: Config
+    name: str
+    generator: Generator
+
+
+def load_arm(model_dir: str | Path, host: PluginHost | None = None) -> TrainedArm:
+    """Rebuild ``RUN/<arm>``'s generator from the run's configuration and load its weights."""
+    model_dir = Path(model_dir)
+    config_path = model_dir.parent / "config.toml"
+    weights = model_dir / GENERATOR_WEIGHTS
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir}: no such directory (expected RUN/<arm>)")
+    if not config_path.is_file():
+        raise ConfigError(f"--model {model_dir}: no config.toml in {model_dir.parent} (expected RUN/<arm>)")
+    if not weights.is_file():
+        raise ConfigError(f"--model {model_dir}: no {GENERATOR_WEIGHTS} (has this arm finished training?)")
+    host = host or get_host()
+    config = load_config(config_path, host=host)
+    if model_dir.name not in config.arms:
+        raise ConfigError(f"--model {model_dir}: {config_path} has no arm named {model_dir.name!r}")
+    generator = build_generator(config, config.arms[model_dir.name], host)
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"--model {model_dir}: cannot read {weights}: {exc}") from None
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise DataError(f"--model {model_dir}: {weights} does not fit the configured generator: {first}") from None
+    return TrainedArm(config, model_dir.name, generator)
+
+
+def sampler_options(config: Config, samples: int | None = None) -> SamplerOptions:
+    """The engine options of a run's ``[sampling]`` table (``samples`` overrides T)."""
+    table = config.sampling
+    return SamplerOptions(
+        samples=samples if samples is not None else table.samples,
+        seed=config.run.seed,
+        memory_budget_mb=table.memory_budget_mb,
+        precision=table.precision,
+        channels_last=table.channels_last,
+        compile=table.compile,
+    )
+
+
+def posterior_maps(
+    sampler: PosteriorSampler, volumes: SubjectVolumes, *, image_size: int, level: float, progress: bool = False
+) -> dict[str, np.ndarray]:
+    """Mean, std and the Gaussian central ``level`` interval of one volume, in its own grid.
+
+    Values are on the normalized [0, 1] scale; everything is zero outside the brain mask.
+    """
+    evaluation = EvalVolume(volumes, image_size=image_size)
+    means, stds = [], []
+    chunks = sampler.iter_chunks(evaluation.source)
+    bar = tqdm(total=len(evaluation), desc=volumes.subject_id, unit="slice", leave=False,
+               file=sys.stderr, disable=not progress)
+    for chunk in chunks:
+        # The generator works in [-1, 1]; the normalized scale is [0, 1].
+        means.append((chunk.mean + 1) / 2)
+        stds.append(chunk.std / 2)
+        bar.update(chunk.mean.shape[0])
+    bar.close()
+    mean = evaluation.to_native(torch.cat(means))
+    std = evaluation.to_native(torch.cat(stds))
+    lower, upper = gaussian_interval(torch.from_numpy(mean), torch.from_numpy(std), level)
+    mask = evaluation.native_mask()
+    return {
+        "mean": mean,
+        "std": std,
+        "lower": np.where(mask, lower.numpy(), 0.0).astype(np.float32),
+        "upper": np.where(mask, upper.numpy(), 0.0).astype(np.float32),
+    }
+
+
+def write_maps(maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Path, stem: str) -> list[Path]:
+    """Write ``<stem>_<map>.nii.gz`` for every map; all of them or none."""
+    written: list[Path] = []
+    try:
+        for name, array in maps.items():
+            written.append(save_like(array, volumes.affine, volumes.header, out_dir / f"{stem}_{name}.nii.gz"))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
+    """``(stem, file)`` for every ``--input``: NIfTI files, or BraTS-style folders of subjects."""
+    found: list[tuple[str, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(find_source_only(path, contrast="t1").items())
+        elif not path.exists():
+            raise DataError(f"--input {path}: no such file or directory")
+        elif not is_nifti(path):
+            raise DataError(f"--input {path}: not a NIfTI file (expected .nii or .nii.gz)")
+        else:
+            found.append((_stem(path), path))
+    stems = [stem for stem, _ in found]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise DataError(f"--input: two inputs would write the same outputs: {', '.join(duplicates)}")
+    return found
+
+
+def robust_maximum(path: Path) -> float:
+    """The 99.5th percentile of a reference image's nonzero voxels (for ``--rescale-like``)."""
+    volume = load_volume(path, role="reference T2w", subject_id=None)
+    values = volume.array[volume.array > 0]
+    return float(np.percentile(values, ROBUST_PERCENTILE))
+
+
+def run_predict(
+    *,
+    model: str,
+    inputs: Sequence[str],
+    out: str,
+    samples: int | None = None,
+    level: float = 0.95,
+    device: str | None = None,
+    rescale_like: str | None = None,
+) -> int:
+    """``uqsynth predict``: validate everything first, then write four maps per input volume."""
+    from uqsynth.pipeline import resolve_device
+
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"--level must be in (0, 1), found {level}")
+    if samples is not None and samples < 2:
+        raise ConfigError(f"--samples must be at least 2 (a standard deviation needs two samples), found {samples}")
+    arm = load_arm(model)
+    torch_device = resolve_device(device or arm.config.run.device)
+    # Read and check every input before writing anything.
+    volumes: list[tuple[str, SubjectVolumes]] = []
+    for stem, path in collect_inputs(inputs):
+        image = load_volume(path, role="T1w", subject_id=stem)
+        volumes.append((stem, SubjectVolumes(
+            subject_id=stem, source=image.array, target=None, mask=image.array != 0,
+            affine=image.affine, header=image.header, source_path=path,
+        )))
+    scale = robust_maximum(Path(rescale_like)) if rescale_like else 1.0
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot create the directory: {exc.strerror or exc}") from None
+    sampler = PosteriorSampler(arm.generator, sampler_options(arm.config, samples), torch_device)
+    T = sampler.options.samples
+    print(f"arm {arm.name}: T={T} samples, interval: Gaussian at level {level} (no fitted calibrator), "
+          f"device {torch_device}, intensities: {'rescaled like ' + rescale_like if rescale_like else 'normalized [0, 1]'}",
+          file=sys.stderr)
+    for stem, subject in volumes:
+        started = time.perf_counter()
+        maps = posterior_maps(sampler, subject, image_size=arm.config.data.image_size, level=level, progress=True)
+        maps = {name: (array * scale).astype(np.float32) for name, array in maps.items()}
+        write_maps(maps, subject, out_dir, stem)
+        seconds = time.perf_counter() - started
+        slices = subject.source.shape[axial_axis(subject.affine)]
+        print(f"{stem}: {slices} slices x {T} samples in {seconds:.1f} s "
+              f"({slices * T / seconds:.0f} slice-samples/s) -> {out_dir / stem}_{{{','.join(MAPS)}}}.nii.gz",
+              file=sys.stderr)
+    return 0
