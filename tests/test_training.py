@@ -61,9 +61,9 @@ def read_log(path):
         return list(csv.DictReader(handle))
 
 
-def test_run_trains_every_arm_then_stops_honestly_at_sampling(tiny_run, capsys):
+def test_run_trains_every_arm_then_stops_honestly_at_calibration(tiny_run, capsys):
     root, _, status = tiny_run
-    assert status == 3  # the sampling stage does not exist yet, and says so
+    assert status == 3  # the calibration stage does not exist yet, and says so
     out = root / "out"
     saved = tomllib.loads((out / "config.toml").read_text())
     assert saved["train"]["epochs"] == 2 and saved["data"]["phantom"]["subjects"] == 3

@@ -34,7 +34,24 @@ class AdversarialLoss(ABC):
         return f"{type(self).__name__}()"
 
 
-class VanillaGANLoss(AdversarialLoss):
+class _LabelDistanceLoss(AdversarialLoss):
+    """Logits pulled towards label 1 (real) or 0 (fake) by :meth:`distance`."""
+
+    @staticmethod
+    @abstractmethod
+    def distance(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean distance of ``logits`` to the labels ``target``."""
+
+    def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
+        return self.distance(fake_logits, torch.ones_like(fake_logits))
+
+    def discriminator_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+        real = self.distance(real_logits, torch.ones_like(real_logits))
+        fake = self.distance(fake_logits, torch.zeros_like(fake_logits))
+        return real + fake
+
+
+class VanillaGANLoss(_LabelDistanceLoss):
     """The original GAN loss as binary cross-entropy on logits (the paper's choice).
 
     The generator uses the non-saturating form, -log D(G(x)), as pix2pix
@@ -42,25 +59,13 @@ class VanillaGANLoss(AdversarialLoss):
     whose gradient vanishes while the discriminator wins easily.
     """
 
-    def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
-
-    def discriminator_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-        real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-        fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-        return real + fake
+    distance = staticmethod(F.binary_cross_entropy_with_logits)
 
 
-class LSGANLoss(AdversarialLoss):
+class LSGANLoss(_LabelDistanceLoss):
     """Least-squares GAN loss (Mao et al. 2017): squared distance of the logits to 1 (real) and 0 (fake)."""
 
-    def generator_loss(self, fake_logits: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(fake_logits, torch.ones_like(fake_logits))
-
-    def discriminator_loss(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-        real = F.mse_loss(real_logits, torch.ones_like(real_logits))
-        fake = F.mse_loss(fake_logits, torch.zeros_like(fake_logits))
-        return real + fake
+    distance = staticmethod(F.mse_loss)
 
 
 class HingeLoss(AdversarialLoss):
