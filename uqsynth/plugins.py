@@ -38,6 +38,7 @@ DEFAULT_PLUGINS = (
     "uqsynth.builtins.networks",
     "uqsynth.builtins.adversarial_losses",
     "uqsynth.builtins.datasets",
+    "uqsynth.builtins.calibrators",
 )
 
 

@@ -12,6 +12,12 @@ returns ``self``, learned state lives in attributes ending in ``_``, and using
 an unfitted calibrator raises :class:`sklearn.exceptions.NotFittedError`.
 Learned state is plain arrays (:meth:`Calibrator.fitted_state`), so it is
 saved without pickling code.
+
+:func:`check_inputs` and :func:`check_probabilities` are the shared input
+checks (plugins should use them too, so every calibrator refuses NaN, std <= 0
+and mismatched shapes alike). :class:`StreamingCalibrator` is the base of
+calibrators fitted from an additive, bounded summary (``partial_fit``,
+``merge``); calibrators without ``partial_fit`` need all voxels at once.
 """
 
 from __future__ import annotations
@@ -65,3 +71,153 @@ class Calibrator(BaseEstimator):
                 raise ValueError(f"{name!r} is not a fitted attribute")
             setattr(self, name, value)
         return self
+
+
+def check_inputs(
+    mean: np.ndarray, std: np.ndarray, other: np.ndarray, *, other_name: str = "target"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate a predictive Gaussian and the values it is compared with.
+
+    Why: a NaN voxel (say, outside a brain mask) or a zero std (a background
+    voxel every MC sample agrees on) would otherwise turn a fitted
+    calibrator's state into NaN or its outputs into nonsense without a word.
+
+    Args:
+        mean: Predictive means.
+        std: Predictive standard deviations, all > 0.
+        other: The truth (when fitting) or the values to evaluate.
+        other_name: What ``other`` is called in error messages.
+
+    Returns:
+        The three arrays as float64, broadcast to one shape.
+
+    Raises:
+        ValueError: Shapes that do not broadcast, non-finite values or std <= 0.
+    """
+    arrays = {"mean": mean, "std": std, other_name: other}
+    converted = {}
+    for name, value in arrays.items():
+        try:
+            converted[name] = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} is not a numeric array: {error}") from None
+    try:
+        broadcast = np.broadcast_arrays(*converted.values())
+    except ValueError:
+        shapes = ", ".join(f"{name} {value.shape}" for name, value in converted.items())
+        raise ValueError(f"shapes do not match: {shapes}") from None
+    for name, value in zip(converted, broadcast):
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} holds NaN or infinite values; mask those voxels out first")
+    std = broadcast[1]
+    if (std <= 0).any():
+        raise ValueError(
+            f"std must be positive, but {int((std <= 0).sum())} value(s) are <= 0; "
+            "mask those voxels out or add a floor"
+        )
+    return broadcast[0], broadcast[1], broadcast[2]
+
+
+def check_probabilities(q: float | np.ndarray, *, name: str = "q") -> np.ndarray:
+    """Return ``q`` as a float64 array after checking every entry lies in (0, 1).
+
+    Raises:
+        ValueError: An entry outside the open interval (0, 1), or NaN.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    outside = ~((q > 0.0) & (q < 1.0))
+    if outside.any():
+        raise ValueError(f"{name} must lie in (0, 1), got {q[outside].flat[0]}")
+    return q
+
+
+class StreamingCalibrator(Calibrator):
+    """A calibrator learned from a bounded summary that adds up over voxels.
+
+    Subclasses say how one batch of voxels is summarized (:meth:`_summarize`,
+    arrays whose size does not depend on the batch) and how the fitted
+    correction follows from the summary (:meth:`_finalize`). Because
+    summaries add up, fitting can stream through a data set batch by batch
+    (:meth:`partial_fit`), and summaries built on different processes or
+    subjects combine exactly (:meth:`merge`; or sum :meth:`summary` arrays
+    with an all-reduce and :meth:`load_summary` the result).
+
+    The summary attributes, listed in ``_summary_names``, always include
+    ``n_``, the number of voxels seen.
+    """
+
+    _summary_names: tuple[str, ...] = ("n_",)
+
+    def fit(self, mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> StreamingCalibrator:
+        """Forget any previous fit and learn from these voxels; return ``self``."""
+        for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("_")]:
+            delattr(self, name)
+        return self.partial_fit(mean, std, target)
+
+    def partial_fit(self, mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> StreamingCalibrator:
+        """Add one batch of voxels to the summary and refit the correction; return ``self``.
+
+        Calling it on the batches of a data set gives the same calibrator as
+        :meth:`fit` on all of them at once, with memory bounded by one batch.
+        """
+        mean, std, target = check_inputs(mean, std, target)
+        if mean.size == 0:
+            raise ValueError("no voxels to fit on")
+        batch = self._summarize(mean, std, target)
+        batch["n_"] = np.asarray(mean.size, dtype=np.int64)
+        if hasattr(self, "n_"):
+            batch = _add(self.summary(), batch, self)
+        return self.load_summary(batch)
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """Copies of the additive summary arrays (``n_`` included)."""
+        check_is_fitted(self)
+        return {name: np.array(getattr(self, name), copy=True) for name in self._summary_names}
+
+    def load_summary(self, summary: dict[str, np.ndarray]) -> StreamingCalibrator:
+        """Replace the summary by ``summary`` and refit the correction from it; return ``self``."""
+        expected = self._summarize(np.zeros(0), np.ones(0), np.zeros(0))
+        expected["n_"] = np.asarray(0, dtype=np.int64)
+        if set(summary) != set(expected):
+            raise ValueError(f"summary needs exactly {sorted(expected)}, got {sorted(summary)}")
+        for name, value in summary.items():
+            value = np.asarray(value)
+            if value.shape != expected[name].shape:
+                raise ValueError(
+                    f"summary {name} has shape {value.shape}, but {type(self).__name__} with "
+                    f"{self.get_params()} needs {expected[name].shape}; call fit to start over"
+                )
+            setattr(self, name, value.astype(expected[name].dtype, copy=True))
+        if int(self.n_) <= 0:
+            raise ValueError("the summary holds no voxels")
+        self._finalize()
+        return self
+
+    def merge(self, other: StreamingCalibrator) -> StreamingCalibrator:
+        """Add the summary of ``other`` (same class and parameters) into this one; return ``self``.
+
+        The result equals a fit on the union of both calibrators' voxels.
+        """
+        if type(other) is not type(self) or other.get_params() != self.get_params():
+            raise ValueError(f"cannot merge {other!r} into {self!r}: class and parameters must match")
+        if not hasattr(self, "n_"):
+            return self.load_summary(other.summary())
+        return self.load_summary(_add(self.summary(), other.summary(), self))
+
+    def _summarize(self, mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+        """The additive summary of one validated batch, without ``n_``."""
+        raise NotImplementedError
+
+    def _finalize(self) -> None:
+        """Set the fitted correction from the summary attributes."""
+        raise NotImplementedError
+
+
+def _add(a: dict[str, np.ndarray], b: dict[str, np.ndarray], calibrator: Calibrator) -> dict[str, np.ndarray]:
+    for name in a:
+        if np.shape(a[name]) != np.shape(b[name]):
+            raise ValueError(
+                f"{type(calibrator).__name__}: summary {name} changed shape from {np.shape(a[name])} to "
+                f"{np.shape(b[name])} (were the parameters changed?); call fit to start over"
+            )
+    return {name: a[name] + b[name] for name in a}

@@ -1,5 +1,15 @@
 """Contract checks a plugin author runs against their own plugins (needs pytest)."""
 
-from uqsynth.testing.layer_contract import LAYER_CHECKS, check_stochastic_layer, parametrize_with_checks
+from uqsynth.testing.calibrator_contract import CALIBRATOR_CHECKS, check_calibrator
+from uqsynth.testing.calibrator_contract import parametrize_with_checks as parametrize_calibrator_checks
+from uqsynth.testing.layer_contract import LAYER_CHECKS, check_stochastic_layer
+from uqsynth.testing.layer_contract import parametrize_with_checks as parametrize_layer_checks
 
-__all__ = ["LAYER_CHECKS", "check_stochastic_layer", "parametrize_with_checks"]
+__all__ = [
+    "CALIBRATOR_CHECKS",
+    "LAYER_CHECKS",
+    "check_calibrator",
+    "check_stochastic_layer",
+    "parametrize_calibrator_checks",
+    "parametrize_layer_checks",
+]

@@ -14,7 +14,7 @@ one line::
 
 or gets one pytest item per check (so a failure names the check)::
 
-    from uqsynth.testing import parametrize_with_checks
+    from uqsynth.testing import parametrize_layer_checks as parametrize_with_checks
 
     @parametrize_with_checks([functools.partial(MyDropout, p=0.2)])
     def test_my_layer(factory, check):

@@ -7,6 +7,7 @@ from scipy.special import ndtr, ndtri
 from sklearn.utils.validation import check_is_fitted
 
 from uqsynth.calibration import Calibrator
+from uqsynth.calibration.base import check_inputs, check_probabilities
 
 
 class GaussianShiftScale(Calibrator):
@@ -25,9 +26,7 @@ class GaussianShiftScale(Calibrator):
         self.min_scale = min_scale
 
     def fit(self, mean, std, target):
-        mean, std, target = (np.asarray(a, dtype=np.float64) for a in (mean, std, target))
-        if np.any(std <= 0):
-            raise ValueError("std must be positive")
+        mean, std, target = check_inputs(mean, std, target)
         z = ((target - mean) / std).ravel()
         if z.size < 2:
             raise ValueError("need at least two voxels to fit")
@@ -37,10 +36,11 @@ class GaussianShiftScale(Calibrator):
 
     def cdf(self, mean, std, values):
         check_is_fitted(self)
-        z = (np.asarray(values) - np.asarray(mean)) / np.asarray(std)
+        mean, std, values = check_inputs(mean, std, values, other_name="values")
+        z = (values - mean) / std
         return ndtr((z - self.shift_) / self.scale_)
 
     def quantile(self, mean, std, q):
         check_is_fitted(self)
-        z = self.shift_ + self.scale_ * ndtri(np.asarray(q, dtype=np.float64))
-        return np.asarray(mean) + z * np.asarray(std)
+        mean, std, q = check_inputs(mean, std, check_probabilities(q), other_name="q")
+        return mean + (self.shift_ + self.scale_ * ndtri(q)) * std

@@ -1,0 +1,137 @@
+"""Saving and loading fitted calibrators as safetensors files, without pickled code.
+
+A file holds the calibrator's fitted state (:meth:`Calibrator.fitted_state`)
+as tensors and, in the safetensors metadata, what is needed to rebuild it:
+the registered calibrator name, its parameters (JSON) and the arm it was
+fitted for. Loading creates the calibrator through the plugin registry and
+restores the arrays, so nothing in the file is ever executed or unpickled,
+and a file from an untrusted run is as safe to open as an image.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uqsynth._files import atomic_path
+from uqsynth.calibration.base import Calibrator
+from uqsynth.errors import DataError, PluginError
+
+FORMAT = "uqsynth-calibrator-1"
+
+
+def save_calibrator(calibrator: Calibrator, path: str | Path, *, name: str, arm: str) -> None:
+    """Write a fitted calibrator to ``path`` (safetensors), atomically.
+
+    Args:
+        calibrator: A fitted calibrator.
+        path: Destination file (conventionally ``*.safetensors``).
+        name: The name it is registered under (what :func:`load_calibrator`
+            creates it from).
+        arm: The arm whose predictions it was fitted on; loading it for
+            another arm is refused.
+
+    Raises:
+        sklearn.exceptions.NotFittedError: The calibrator is not fitted.
+        ValueError: A parameter is not JSON-serializable, or a fitted
+            attribute is not a numeric array.
+    """
+    from safetensors.numpy import save_file
+
+    state = calibrator.fitted_state()
+    tensors = {}
+    for key, value in state.items():
+        array = np.asarray(value)
+        if not array.flags.c_contiguous:  # not ascontiguousarray: it would make 0-d arrays 1-d
+            array = array.copy(order="C")
+        if array.dtype.kind not in "biuf":
+            raise ValueError(
+                f"cannot save fitted attribute {key} of {type(calibrator).__name__}: "
+                f"dtype {array.dtype} is not numeric"
+            )
+        tensors[key] = array
+    try:
+        params = json.dumps(calibrator.get_params(deep=False), sort_keys=True)
+    except TypeError as error:
+        raise ValueError(f"cannot save the parameters of {type(calibrator).__name__}: {error}") from None
+    metadata = {"format": FORMAT, "calibrator": name, "arm": arm, "params": params}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_calibrator(path: str | Path, *, host: Any = None, arm: str | None = None) -> tuple[str, Calibrator]:
+    """Read a calibrator written by :func:`save_calibrator`.
+
+    Args:
+        path: The safetensors file.
+        host: Where calibrators are created: anything whose ``["calibrator"]``
+            has ``create(name, **params)``, normally a
+            :class:`uqsynth.plugins.PluginHost`; default the process-wide host.
+        arm: If given, the arm the file must have been fitted for.
+
+    Returns:
+        The registered calibrator name and the fitted calibrator.
+
+    Raises:
+        DataError: One line naming the file: it is missing, not a safetensors
+            file, has no uqsynth calibrator metadata, names an unknown
+            calibrator or invalid parameters, holds unusable state, or was
+            fitted for another arm.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"calibrator file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for any malformed header
+        raise DataError(f"calibrator file {path} is not a safetensors file ({_first_line(error)})") from None
+
+    missing = [key for key in ("calibrator", "arm", "params") if key not in metadata]
+    if metadata.get("format") != FORMAT or missing:
+        raise DataError(
+            f"calibrator file {path} has no uqsynth calibrator metadata "
+            f"(expected format {FORMAT!r} with keys calibrator, arm, params)"
+        )
+    if not state:
+        raise DataError(f"calibrator file {path} holds no fitted state")
+    name, saved_arm = metadata["calibrator"], metadata["arm"]
+    if arm is not None and saved_arm != arm:
+        raise DataError(f"calibrator file {path} was fitted for arm {saved_arm!r}, not {arm!r}")
+    try:
+        params = json.loads(metadata["params"])
+        if not isinstance(params, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        raise DataError(f"calibrator file {path} has unreadable parameters ({_first_line(error)})") from None
+
+    if host is None:
+        from uqsynth.plugins import get_host
+
+        host = get_host()
+    try:
+        calibrator = host["calibrator"].create(name, **params)
+    except PluginError as error:
+        raise DataError(f"calibrator file {path}: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise DataError(
+            f'calibrator file {path}: cannot create calibrator "{name}" with {params}: {_first_line(error)}'
+        ) from None
+    try:
+        calibrator.load_fitted_state(state)
+    except ValueError as error:
+        raise DataError(
+            f'calibrator file {path}: invalid state for calibrator "{name}": {_first_line(error)}'
+        ) from None
+    return name, calibrator
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
