@@ -16,7 +16,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     config = root / "tiny.toml"
     config.write_text(TINY)
-    assert main(["run", str(config), "--out", str(root / "run")]) == 3  # stops at calibration, not built yet
+    assert main(["run", str(config), "--out", str(root / "run")]) == 3  # stops at evaluation, not built yet
     phantoms = {}
     for orientation in ("RAS", "LPS"):
         (subject,) = write_subjects(root / orientation, 1, seed=7, shape=(40, 44, 32), orientation=orientation)
@@ -46,12 +46,25 @@ def predicted(trained):
     return root, phantoms
 
 
-def test_predict_reports_the_interval_kind_and_speed(trained, tmp_path, capsys):
+def test_predict_uses_the_arms_calibrator_and_says_which(trained, tmp_path, capsys):
     root, phantoms = trained
-    assert main(["predict", "--model", str(root / "run" / "mc"), "--input", str(phantoms["RAS"]),
-                 "--out", str(tmp_path), "--samples", "3"]) == 0
+    args = ["predict", "--model", str(root / "run" / "mc"), "--input", str(phantoms["RAS"]), "--samples", "3"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
-    assert "interval: Gaussian at level 0.95 (no fitted calibrator)" in err and "slice-samples/s" in err
+    assert "interval at level 0.95: calibrated by isotonic" in err and "slice-samples/s" in err
+    assert main([*args, "--out", str(tmp_path / "b"), "--calibrator", "conformal"]) == 0
+    assert "calibrated by conformal" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c"), "--calibrator", "platt"]) == 2
+    assert "has no fitted calibrator 'platt' (fitted: isotonic, sigma_scaling, conformal)" in capsys.readouterr().err
+    calibrators = root / "run" / "mc" / "calibrators"
+    for path in calibrators.glob("*"):
+        path.rename(path.with_suffix(".off"))
+    try:
+        assert main([*args, "--out", str(tmp_path / "d")]) == 0
+        assert "interval at level 0.95: Gaussian (no fitted calibrator)" in capsys.readouterr().err
+    finally:
+        for path in calibrators.glob("*.off"):
+            path.rename(path.with_suffix(".safetensors"))
 
 
 @pytest.mark.parametrize("orientation", ["RAS", "LPS"])
@@ -71,7 +84,7 @@ def test_predict_writes_four_maps_in_the_inputs_own_grid(predicted, orientation)
     std = maps["std"].get_fdata()
     assert np.all(std[brain] > 0) and np.all(std[~brain] == 0)
     mean, lower, upper = (maps[n].get_fdata() for n in ("mean", "lower", "upper"))
-    assert np.all(lower[brain] < mean[brain]) and np.all(mean[brain] < upper[brain])
+    assert np.all(lower[brain] < upper[brain])  # calibrated: need not be centred on the mean
     assert np.all(mean[~brain] == 0)
 
 

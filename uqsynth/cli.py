@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--level", type=float, default=0.95, help="central interval level (default 0.95)")
     predict.add_argument("--device", help="auto, cpu or cuda[:i] (default: the run's)")
     predict.add_argument("--rescale-like", metavar="REF", help="map [0, 1] to a reference T2w's intensity range")
+    predict.add_argument("--calibrator", help="fitted calibrator for the interval (default: the run's first)")
     predict.set_defaults(func=_cmd_predict)
 
     phantom = commands.add_parser("phantom", parents=[common], help="write phantom subjects as NIfTI (BraTS 2023 naming)")
@@ -146,7 +147,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     return run_predict(
         model=args.model, inputs=args.inputs, out=args.out, samples=args.samples, level=args.level,
-        device=args.device, rescale_like=args.rescale_like,
+        device=args.device, rescale_like=args.rescale_like, calibrator=args.calibrator,
     )
 
 

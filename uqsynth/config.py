@@ -145,6 +145,28 @@ class SamplingConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """``[calibration]``: post-hoc calibrators fitted per arm, and on which subjects."""
+
+    calibrators: list[PluginSpec] = field(
+        default_factory=lambda: [PluginSpec("isotonic"), PluginSpec("sigma_scaling"), PluginSpec("conformal")],
+        metadata={"doc": "Calibrator plugins (names or tables), each fitted for every arm."},
+    )
+    subjects: Literal["train", "held_out"] = field(
+        default="train",
+        metadata={"doc": '"train": the training subjects (the paper); "held_out": a separate calibration split.'},
+    )
+    held_out_fraction: float = field(
+        default=0.2,
+        metadata={"doc": 'Fraction of subjects in the calibration split when subjects = "held_out".',
+                  "min_exclusive": 0.0, "max_exclusive": 1.0},
+    )
+    max_subjects: int = field(
+        default=0, metadata={"doc": "Use at most this many calibration subjects (0: all).", "min": 0}
+    )
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -154,6 +176,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     arms: dict[str, ArmConfig] = field(default_factory=dict, metadata={"doc": "Named variants; at least one.", "min_len": 1})
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     notes: list[str] = field(default_factory=list, repr=False, compare=False, metadata={"internal": True})
     profiles: dict[str, dict[str, Any]] = field(
         default_factory=dict,
@@ -515,6 +538,12 @@ def resolve_plugins(config: Config, host: PluginHost, origins: _Origins | None =
     ]
     for arm, arm_config in config.arms.items():
         specs.append(("stochastic_layer", f"arms.{arm}.stochastic_layer", arm_config.stochastic_layer))
+    names = [spec.name for spec in config.calibration.calibrators]
+    for index, spec in enumerate(config.calibration.calibrators):
+        if names.count(spec.name) > 1:
+            raise ConfigError(f"{origins.where('calibration.calibrators')}: calibration.calibrators names "
+                              f"{spec.name!r} twice; each calibrator is saved under its name")
+        specs.append(("calibrator", f"calibration.calibrators[{index}]", spec))
     for kind, path, spec in specs:
         try:
             entry = host[kind].get(spec.name)

@@ -18,13 +18,14 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import uqsynth
 from uqsynth._files import atomic_write_text
 from uqsynth.config import Config, PluginSpec, config_to_dict, dumps_config, load_config
 from uqsynth.data.base import Dataset
-from uqsynth.data.slices import TrainSlices
+from uqsynth.data.slices import EvalVolume, TrainSlices
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.errors import ConfigError, StageNotImplemented
 from uqsynth.plugins import PluginHost, get_host
@@ -111,11 +112,13 @@ def prepare(context: RunContext) -> None:
     """
     config = context.config
     context.dataset = build_dataset(config, context.host)
+    held_out = config.calibration.subjects == "held_out"
     context.split = split_subjects(
         context.dataset.subject_ids(),
         test_fraction=config.data.test_fraction,
         seed=config.run.seed,
         test_ids=config.data.test_subjects or None,
+        calibration_fraction=config.calibration.held_out_fraction if held_out else 0.0,
     )
     for arm_name, arm in config.arms.items():
         seed_everything(config.run.seed)  # every arm starts from the same weights
@@ -156,7 +159,9 @@ def _first_difference(old: object, new: object, path: str = "") -> str | None:
 def stage_train(context: RunContext) -> None:
     """Train every arm on the training subjects (resuming finished epochs)."""
     config = context.config
-    split_record = {"train": context.split.train, "test": context.split.test}
+    split_record = {
+        "train": context.split.train, "test": context.split.test, "calibration": calibration_subjects(context)
+    }
     atomic_write_text(context.out_dir / "split.json", json.dumps(split_record, indent=2) + "\n")
     started = time.perf_counter()
     train_set = TrainSlices(
@@ -194,11 +199,67 @@ def stage_sample(context: RunContext) -> None:
             if all((out_dir / f"{subject_id}_{name}.nii.gz").exists() for name in ("mean", "std")):
                 continue
             volumes = context.dataset.load(subject_id)
-            maps = posterior_maps(sampler, volumes, image_size=config.data.image_size, level=0.95, progress=True)
+            evaluation = EvalVolume(volumes, image_size=config.data.image_size)
+            maps = posterior_maps(sampler, evaluation, level=0.95, progress=True)
             write_maps({name: maps[name] for name in ("mean", "std")}, volumes, out_dir, subject_id)
             done += 1
         print(f"arm {arm_name}: sampled {done} test subject(s) with T={config.sampling.samples} "
               f"in {time.perf_counter() - started:.1f} s -> {out_dir}", file=sys.stderr)
+
+
+def calibration_subjects(context: RunContext) -> list[str]:
+    """The subjects calibrators are fitted on: training subjects (the paper) or the held-out split."""
+    calibration = context.config.calibration
+    subjects = context.split.train if calibration.subjects == "train" else context.split.calibration
+    return subjects[: calibration.max_subjects] if calibration.max_subjects else list(subjects)
+
+
+def stage_calibrate(context: RunContext) -> None:
+    """Fit every configured calibrator per arm, streaming voxel batches, one subject at a time.
+
+    Saved as ``RUN/<arm>/calibrators/<name>.safetensors`` (no pickled code),
+    bound to the arm; calibrators already saved are not fitted again.
+    """
+    from uqsynth.calibration.io import save_calibrator
+    from uqsynth.predict import posterior_maps, sampler_options
+
+    config = context.config
+    subjects = calibration_subjects(context)
+    for arm_name in config.arms:
+        out_dir = context.out_dir / arm_name / "calibrators"
+        pending = [s for s in config.calibration.calibrators if not (out_dir / f"{s.name}.safetensors").exists()]
+        if not pending:
+            continue
+        calibrators = {spec.name: context.host["calibrator"].create(spec.name, **spec.params) for spec in pending}
+        sampler = PosteriorSampler(context.models[arm_name].generator, sampler_options(config), context.device)
+        started, voxels, degenerate = time.perf_counter(), 0, 0
+        # Calibrators without partial_fit need every voxel at once: keep those (memory grows with the set).
+        gathered: dict[str, list[tuple[np.ndarray, ...]]] = {
+            name: [] for name, calibrator in calibrators.items() if not hasattr(calibrator, "partial_fit")
+        }
+        for subject_id in subjects:
+            evaluation = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size)
+            maps = posterior_maps(sampler, evaluation, level=0.95, progress=True)
+            brain = evaluation.native_mask()
+            usable = brain & (maps["std"] > 0)
+            degenerate += int(brain.sum() - usable.sum())
+            truth = evaluation.normalized_target()
+            batch = (maps["mean"][usable], maps["std"][usable], truth[usable])
+            for name, calibrator in calibrators.items():
+                if name in gathered:
+                    gathered[name].append(batch)
+                else:
+                    calibrator.partial_fit(*batch)
+            voxels += int(usable.sum())
+        for name, batches in gathered.items():
+            calibrators[name].fit(*(np.concatenate(parts) for parts in zip(*batches)))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, calibrator in calibrators.items():
+            save_calibrator(calibrator, out_dir / f"{name}.safetensors", name=name, arm=arm_name)
+        note = f"; {degenerate} brain voxels with zero predicted std left out" if degenerate else ""
+        print(f"arm {arm_name}: fitted {', '.join(calibrators)} on {voxels} voxels of {len(subjects)} "
+              f"{config.calibration.subjects} subject(s) in {time.perf_counter() - started:.1f} s{note}",
+              file=sys.stderr)
 
 
 def _not_yet(stage: str) -> Callable[..., None]:
@@ -214,7 +275,7 @@ def _not_yet(stage: str) -> Callable[..., None]:
 STAGES: tuple[tuple[str, Callable[..., None]], ...] = (
     ("train", stage_train),
     ("sample", stage_sample),
-    ("calibrate", _not_yet("calibrate")),
+    ("calibrate", stage_calibrate),
     ("evaluate", _not_yet("evaluate")),
     ("report", _not_yet("report")),
 )

@@ -27,11 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from uqsynth.calibration.base import Calibrator
 from uqsynth.config import Config, load_config
 from uqsynth.data.base import SubjectVolumes
 from uqsynth.data.brats import find_source_only
 from uqsynth.data.nifti import is_nifti, load_volume, save_like
-from uqsynth.data.slices import ROBUST_PERCENTILE, EvalVolume, axial_axis
+from uqsynth.data.slices import ROBUST_PERCENTILE, EvalVolume
 from uqsynth.errors import ConfigError, DataError
 from uqsynth.models.base import Generator
 from uqsynth.plugins import PluginHost, get_host
@@ -92,16 +93,22 @@ def sampler_options(config: Config, samples: int | None = None) -> SamplerOption
 
 
 def posterior_maps(
-    sampler: PosteriorSampler, volumes: SubjectVolumes, *, image_size: int, level: float, progress: bool = False
+    sampler: PosteriorSampler,
+    evaluation: EvalVolume,
+    *,
+    level: float,
+    calibrator: Calibrator | None = None,
+    progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Mean, std and the Gaussian central ``level`` interval of one volume, in its own grid.
+    """Mean, std and the central ``level`` interval of one volume, in its own grid.
 
-    Values are on the normalized [0, 1] scale; everything is zero outside the brain mask.
+    The interval is the fitted ``calibrator``'s when given, else the Gaussian
+    one. Values are on the normalized [0, 1] scale; everything is zero
+    outside the brain mask.
     """
-    evaluation = EvalVolume(volumes, image_size=image_size)
     means, stds = [], []
     chunks = sampler.iter_chunks(evaluation.source)
-    bar = tqdm(total=len(evaluation), desc=volumes.subject_id, unit="slice", leave=False,
+    bar = tqdm(total=len(evaluation), desc=evaluation.subject_id, unit="slice", leave=False,
                file=sys.stderr, disable=not progress)
     for chunk in chunks:
         # The generator works in [-1, 1]; the normalized scale is [0, 1].
@@ -111,14 +118,37 @@ def posterior_maps(
     bar.close()
     mean = evaluation.to_native(torch.cat(means))
     std = evaluation.to_native(torch.cat(stds))
-    lower, upper = gaussian_interval(torch.from_numpy(mean), torch.from_numpy(std), level)
     mask = evaluation.native_mask()
+    if calibrator is None:
+        lower, upper = (bound.numpy() for bound in gaussian_interval(torch.from_numpy(mean), torch.from_numpy(std), level))
+    else:
+        # A zero predictive std (rare, at the brain's rim) has a point interval.
+        lower, upper = mean.astype(np.float64), mean.astype(np.float64)
+        spread = mask & (std > 0)
+        lower[spread], upper[spread] = calibrator.interval(mean[spread], std[spread], level)
     return {
         "mean": mean,
         "std": std,
-        "lower": np.where(mask, lower.numpy(), 0.0).astype(np.float32),
-        "upper": np.where(mask, upper.numpy(), 0.0).astype(np.float32),
+        "lower": np.where(mask, lower, 0.0).astype(np.float32),
+        "upper": np.where(mask, upper, 0.0).astype(np.float32),
     }
+
+
+def find_calibrator(arm: TrainedArm, model_dir: Path, name: str | None) -> tuple[str, Calibrator] | None:
+    """The arm's fitted calibrator ``name`` (default: the run's first configured one that was fitted)."""
+    from uqsynth.calibration.io import load_calibrator
+
+    directory = model_dir / "calibrators"
+    configured = [spec.name for spec in arm.config.calibration.calibrators]
+    fitted = [n for n in configured if (directory / f"{n}.safetensors").is_file()]
+    if name is None:
+        if not fitted:
+            return None
+        name = fitted[0]
+    elif name not in fitted:
+        hint = f"fitted: {', '.join(fitted)}" if fitted else "none fitted yet"
+        raise ConfigError(f"--calibrator {name}: {directory} has no fitted calibrator {name!r} ({hint})")
+    return load_calibrator(directory / f"{name}.safetensors", arm=arm.name)
 
 
 def write_maps(maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Path, stem: str) -> list[Path]:
@@ -178,6 +208,7 @@ def run_predict(
     level: float = 0.95,
     device: str | None = None,
     rescale_like: str | None = None,
+    calibrator: str | None = None,
 ) -> int:
     """``uqsynth predict``: validate everything first, then write four maps per input volume."""
     from uqsynth.pipeline import resolve_device
@@ -187,6 +218,7 @@ def run_predict(
     if samples is not None and samples < 2:
         raise ConfigError(f"--samples must be at least 2 (a standard deviation needs two samples), found {samples}")
     arm = load_arm(model)
+    fitted = find_calibrator(arm, Path(model), calibrator)
     torch_device = resolve_device(device or arm.config.run.device)
     # Read and check every input before writing anything.
     volumes: list[tuple[str, SubjectVolumes]] = []
@@ -204,16 +236,19 @@ def run_predict(
         raise ConfigError(f"--out {out_dir}: cannot create the directory: {exc.strerror or exc}") from None
     sampler = PosteriorSampler(arm.generator, sampler_options(arm.config, samples), torch_device)
     T = sampler.options.samples
-    print(f"arm {arm.name}: T={T} samples, interval: Gaussian at level {level} (no fitted calibrator), "
+    interval = f"calibrated by {fitted[0]}" if fitted else "Gaussian (no fitted calibrator)"
+    print(f"arm {arm.name}: T={T} samples, interval at level {level}: {interval}, "
           f"device {torch_device}, intensities: {'rescaled like ' + rescale_like if rescale_like else 'normalized [0, 1]'}",
           file=sys.stderr)
     for stem, subject in volumes:
         started = time.perf_counter()
-        maps = posterior_maps(sampler, subject, image_size=arm.config.data.image_size, level=level, progress=True)
+        evaluation = EvalVolume(subject, image_size=arm.config.data.image_size)
+        maps = posterior_maps(sampler, evaluation, level=level, progress=True,
+                              calibrator=fitted[1] if fitted else None)
         maps = {name: (array * scale).astype(np.float32) for name, array in maps.items()}
         write_maps(maps, subject, out_dir, stem)
         seconds = time.perf_counter() - started
-        slices = subject.source.shape[axial_axis(subject.affine)]
+        slices = len(evaluation)
         print(f"{stem}: {slices} slices x {T} samples in {seconds:.1f} s "
               f"({slices * T / seconds:.0f} slice-samples/s) -> {out_dir / stem}_{{{','.join(MAPS)}}}.nii.gz",
               file=sys.stderr)
