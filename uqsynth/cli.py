@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true", help="the same pipeline at a tiny size, to check the wiring")
     run.set_defaults(func=_cmd_run)
 
+    report = commands.add_parser("report", parents=[common], help="rebuild metrics and report from a run's predictions")
+    report.add_argument("run", help="a run directory written by `uqsynth run`")
+    report.set_defaults(func=_cmd_report)
+
     predict = commands.add_parser("predict", parents=[common], help="posterior mean, std and interval maps as NIfTI")
     predict.add_argument("--model", required=True, help="a trained arm, RUN/<arm>")
     predict.add_argument("--input", dest="inputs", action="append", required=True, metavar="PATH",
@@ -140,6 +144,12 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     for directory in write_subjects(out, args.subjects, seed=args.seed, orientation=args.orientation):
         print(directory)
     return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from uqsynth.pipeline import run_report
+
+    return run_report(args.run)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -27,10 +27,10 @@ from uqsynth.config import Config, PluginSpec, config_to_dict, dumps_config, loa
 from uqsynth.data.base import Dataset
 from uqsynth.data.slices import EvalVolume, TrainSlices
 from uqsynth.data.split import Split, split_subjects
-from uqsynth.errors import ConfigError, StageNotImplemented
+from uqsynth.errors import ConfigError
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
-from uqsynth.training import ArmModels, Trainer, build_arm, seed_everything
+from uqsynth.training import ArmModels, Trainer, build_arm, dropout_probabilities, seed_everything
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -88,6 +88,9 @@ class RunContext:
     dataset: Dataset | None = None
     split: Split | None = None
     models: dict[str, ArmModels] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+    evaluations: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
 
 
 def _takes_root(host: PluginHost, dataset: str) -> bool:
@@ -262,22 +265,39 @@ def stage_calibrate(context: RunContext) -> None:
               file=sys.stderr)
 
 
-def _not_yet(stage: str) -> Callable[..., None]:
-    def run(_context: RunContext) -> None:
-        raise StageNotImplemented(
-            f"stage '{stage}' is not implemented in uqsynth {uqsynth.__version__} yet; "
-            "the stages before it finished and their outputs are in the run directory"
-        )
+def stage_evaluate(context: RunContext) -> None:
+    """Every metric of every arm from the saved predictions: ``metrics.json`` and ``metrics.csv``."""
+    from uqsynth.evaluation import evaluate_arm, metrics_document, metrics_rows, write_metrics
 
-    return run
+    started = time.perf_counter()
+    for arm_name in context.config.arms:
+        learned_p = dropout_probabilities(context.models[arm_name].generator)
+        context.evaluations[arm_name] = evaluate_arm(
+            context.config, context.dataset, context.split.test, context.out_dir / arm_name, learned_p
+        )
+    timing = {**context.timing, "evaluate": time.perf_counter() - started}
+    context.metrics = metrics_document(context.evaluations, timing)
+    write_metrics(context.out_dir, context.metrics, metrics_rows(context.evaluations))
+    for name, arm in context.metrics["arms"].items():
+        after = ", ".join(f"{c} {v:.4f}" for c, v in arm["calibration_rms_after"].items())
+        print(f"arm {name}: RMSE {arm['rmse_mean']:.2f}, calibration RMS {arm['calibration_rms_before']:.4f} "
+              f"before, after {after}", file=sys.stderr)
+
+
+def stage_report(context: RunContext) -> None:
+    """The paper's figures and ``report.html``."""
+    from uqsynth.report import build_report
+
+    page = build_report(context.out_dir, context.evaluations, context.metrics)
+    print(f"report: {page}", file=sys.stderr)
 
 
 STAGES: tuple[tuple[str, Callable[..., None]], ...] = (
     ("train", stage_train),
     ("sample", stage_sample),
     ("calibrate", stage_calibrate),
-    ("evaluate", _not_yet("evaluate")),
-    ("report", _not_yet("report")),
+    ("evaluate", stage_evaluate),
+    ("report", stage_report),
 )
 
 
@@ -306,6 +326,38 @@ def run_pipeline(
     except OSError as exc:
         raise ConfigError(f"--out {out_dir}: cannot create the run directory: {exc.strerror or exc}") from None
     atomic_write_text(out_dir / "config.toml", dumps_config(config))
-    for _name, stage in STAGES:
+    for name, stage in STAGES:
+        started = time.perf_counter()
         stage(context)
+        context.timing[name] = time.perf_counter() - started
+        atomic_write_text(out_dir / "timing.json", json.dumps(context.timing, indent=2) + "\n")
+    return 0
+
+
+def run_report(run_dir: str | Path) -> int:
+    """``uqsynth report RUN``: evaluate and report again from the saved predictions (no sampling)."""
+    from uqsynth.predict import load_arm
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
+    host = get_host()
+    config = load_config(config_path, host=host)
+    try:
+        split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+        test_ids = list(split["test"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{run_dir / 'split.json'}: missing or unreadable ({exc})") from None
+    timing_path = run_dir / "timing.json"
+    timing = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else {}
+    context = RunContext(config, host, run_dir, torch.device("cpu"), timing={
+        k: v for k, v in timing.items() if k not in ("evaluate", "report")
+    })
+    context.dataset = build_dataset(config, host)
+    context.split = Split(train=list(split.get("train", [])), test=test_ids, calibration=list(split.get("calibration", [])))
+    for arm_name in config.arms:
+        context.models[arm_name] = ArmModels(load_arm(run_dir / arm_name, host).generator, None, None)
+    stage_evaluate(context)
+    stage_report(context)
     return 0

@@ -55,7 +55,7 @@ def psnr(
     not inflate the score. Identical images give ``inf``.
     """
     truth, prediction = masked_voxels(mask, truth, prediction, names=("truth", "prediction"))
-    mse = float(np.mean((prediction - truth) ** 2))
+    mse = np.mean((prediction - truth) ** 2)
     with np.errstate(divide="ignore"):
         return float(10.0 * np.log10(data_range**2 / mse))
 

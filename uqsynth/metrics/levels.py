@@ -60,19 +60,15 @@ def slice_level(
     """
     mask = np.asarray(mask)
     masked_voxels(mask, truth, mean, std, names=("truth", "mean", "std"))  # validates
-    mask = np.moveaxis(mask.astype(bool), axis, 0).reshape(mask.shape[axis], -1)
-    flat = {
-        name: np.where(mask, np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0).reshape(mask.shape), 0.0)
-        for name, value in (("truth", truth), ("mean", mean), ("std", std))
-    }
-    count = mask.sum(axis=1)
-    keep = np.flatnonzero(count)
-    error = np.sqrt(((flat["mean"] - flat["truth"]) ** 2).sum(axis=1))[keep]
-    norm = np.sqrt((flat["truth"] ** 2).sum(axis=1))[keep]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        slice_nrmse = error / norm
-    slice_nstd = np.sqrt((flat["std"] ** 2).sum(axis=1)[keep] / count[keep]) * scale
-    return {"index": keep.tolist(), "nrmse": slice_nrmse.tolist(), "nstd": slice_nstd.tolist()}
+    volumes = [np.moveaxis(np.asarray(value), axis, 0) for value in (truth, mean, std, mask)]
+    result: dict[str, list] = {"index": [], "nrmse": [], "nstd": []}
+    for k in range(volumes[0].shape[0]):  # slice by slice: memory of one slice, not of the volume
+        inside = volumes[3][k].astype(bool)
+        if inside.any():
+            result["index"].append(k)
+            result["nrmse"].append(nrmse(volumes[0][k], volumes[1][k], inside))
+            result["nstd"].append(nstd(volumes[2][k], inside, scale=scale))
+    return result
 
 
 def voxel_pairs(

@@ -118,11 +118,15 @@ class SparsificationAccumulator:
     voxels. Keys at or below ``key_range[0]`` (zeros included) share the
     first bin and keys at or above ``key_range[1]`` the last.
 
-    Resolution: the result is exact for a ranking that ignores order inside
-    a bin, so it matches the exact sort-based curve up to how much the
-    squared errors vary inside one bin. At the defaults a bin spans a key
-    ratio of ``10^(6/4096)``, about 0.34 %; tests show agreement within
-    0.5 % of the RMSE. Memory: ``4 * bins`` numbers whatever the data size.
+    Resolution: every voxel of a lower bin has a smaller key, so the exact
+    sort keeps all of them before any voxel of the bin ``j`` where a recall
+    level falls; only the split of that one bin is estimated. The exact
+    kept squared error therefore lies between the cumulative sums up to bin
+    ``j - 1`` and up to bin ``j``, and the estimate is in between too. At the
+    defaults a bin spans a key ratio of ``10^(6/4096)`` (0.34 %), and on
+    10^4 or more voxels the curves agree with the exact ones within 0.5 %
+    (tested; the worst case is the smallest recall, where few voxels are
+    kept). Memory: ``4 * bins`` numbers whatever the data size.
 
     Args:
         bins: Number of log-spaced bins.

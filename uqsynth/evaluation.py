@@ -1,0 +1,182 @@
+"""The evaluate stage: every metric of every arm, from the saved predictions.
+
+Reads ``RUN/<arm>/predictions/<id>_{mean,std}.nii.gz`` and the fitted
+calibrators, takes the truth from the dataset (the normalized T2w the
+model was trained to produce), and feeds one subject at a time to a
+:class:`~uqsynth.metrics.CohortEvaluator`, so it never samples again and
+never holds more than one volume. ``uqsynth report RUN`` reruns exactly this.
+
+Outputs ``RUN/metrics.json`` (the keys of issue 5 under ``arms.<arm>``, the
+paired t-test between the first two arms, timing) and ``RUN/metrics.csv``
+(one row per arm and subject).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from uqsynth._files import atomic_write_text
+from uqsynth.calibration.io import load_calibrator
+from uqsynth.config import Config
+from uqsynth.data.base import Dataset
+from uqsynth.data.slices import EvalVolume, axial_axis
+from uqsynth.errors import DataError
+from uqsynth.metrics import CohortEvaluator, paired_ttest
+from uqsynth.metrics._voxels import level_key
+
+INTERVAL_LEVELS = (0.5, 0.9, 0.95)
+
+
+@dataclass
+class ArmEvaluation:
+    """One arm's cohort evaluator, its numbers, and the volumes kept for the example figure."""
+
+    evaluator: CohortEvaluator
+    result: dict
+    learned_p: list[float]
+    example: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def read_prediction(path: Path) -> np.ndarray:
+    """A saved prediction volume, refusing a missing or unreadable file with a one-line error."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing prediction (rerun `uqsynth run` with the same --out to sample it)")
+    try:
+        return np.asanyarray(nib.load(path).dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise DataError(f"{path}: cannot read the prediction: {exc}") from None
+
+
+def evaluate_arm(
+    config: Config, dataset: Dataset, test_ids: list[str], arm_dir: Path, learned_p: list[float]
+) -> ArmEvaluation:
+    """All metrics of one arm over the test subjects, before and after each fitted calibrator."""
+    calibrators = {}
+    for spec in config.calibration.calibrators:
+        path = arm_dir / "calibrators" / f"{spec.name}.safetensors"
+        if path.is_file():
+            name, calibrator = load_calibrator(path, arm=arm_dir.name)
+            calibrators[name] = calibrator
+    evaluator: CohortEvaluator | None = None
+    example: dict[str, np.ndarray] = {}
+    for subject_id in test_ids:
+        volumes = dataset.load(subject_id)
+        evaluation = EvalVolume(volumes, image_size=config.data.image_size)
+        mean = read_prediction(arm_dir / "predictions" / f"{subject_id}_mean.nii.gz")
+        std = read_prediction(arm_dir / "predictions" / f"{subject_id}_std.nii.gz")
+        if mean.shape != evaluation.shape or std.shape != evaluation.shape:
+            raise DataError(f"{arm_dir / 'predictions'}: {subject_id}'s maps have shape {mean.shape}, "
+                            f"the subject {evaluation.shape}")
+        axis = axial_axis(volumes.affine)
+        if evaluator is None:
+            evaluator = CohortEvaluator(
+                axis=axis,
+                quantile_fns={name: c.quantile for name, c in calibrators.items()},
+                interval_fns={name: c.interval for name, c in calibrators.items()},
+                interval_levels=INTERVAL_LEVELS,
+            )
+        truth, mask = evaluation.normalized_target(), evaluation.native_mask()
+        evaluator.add(subject_id, truth, mean, std, mask)
+        if not example:
+            example = {"source": evaluation.normalized_source(), "truth": truth, "mean": mean, "std": std,
+                       "mask": mask, "axis": np.array(axis), "subject": np.array(subject_id)}
+    if evaluator is None:
+        raise DataError("no test subjects to evaluate")
+    return ArmEvaluation(evaluator, evaluator.result(), learned_p, example)
+
+
+def arm_summary(evaluation: ArmEvaluation) -> dict:
+    """The per-arm block of ``metrics.json``."""
+    result = evaluation.result
+    gaussian = result["gaussian"]
+    calibrated = result["calibrators"]
+    return {
+        "rmse_per_subject": result["rmse_per_subject"],
+        "rmse_mean": result["rmse_mean"],
+        "mae_mean": result["mae_mean"],
+        "psnr_mean": result["psnr_mean"],
+        "ssim_mean": result["ssim_mean"],
+        "calibration_rms_before": gaussian["calibration"]["rms"],
+        "calibration_rms_after": {name: c["calibration"]["rms"] for name, c in calibrated.items() if "calibration" in c},
+        "miscalibration_area_before": gaussian["calibration"]["miscalibration_area"],
+        "miscalibration_area_after": {
+            name: c["calibration"]["miscalibration_area"] for name, c in calibrated.items() if "calibration" in c
+        },
+        "crps": gaussian["crps"],
+        "crps_after": {name: c["crps"] for name, c in calibrated.items() if "crps" in c},
+        "nll": gaussian["nll"],
+        "picp": gaussian["picp"],
+        "picp_after": {name: c["picp"] for name, c in calibrated.items()},
+        "interval_width": gaussian["width"],
+        "ause": result["sparsification"]["ause"],
+        "ause_normalized": result["sparsification"]["ause_normalized"],
+        "levels": result["levels"],
+        "volume_spearman": result["levels"]["volume"]["spearman"],
+        "triage": result["triage"],
+        "learned_p": evaluation.learned_p,
+    }
+
+
+def metrics_document(evaluations: dict[str, ArmEvaluation], timing: dict[str, float]) -> dict:
+    """``metrics.json``: per-arm blocks, the paired t-test of the first two arms, timing."""
+    arms = {name: arm_summary(evaluation) for name, evaluation in evaluations.items()}
+    document: dict = {"arms": arms, "paired_ttest": None, "timing": timing,
+                      "scale": "intensities normalized per slice to [0, 1], errors reported on [0, 255]"}
+    names = list(evaluations)
+    if len(names) >= 2 and len(arms[names[0]]["rmse_per_subject"]) >= 2:
+        test = paired_ttest(arms[names[0]]["rmse_per_subject"], arms[names[1]]["rmse_per_subject"])
+        document["paired_ttest"] = {"arms": names[:2], **test}
+    return _finite(document)
+
+
+def metrics_rows(evaluations: dict[str, ArmEvaluation]) -> list[dict]:
+    """``metrics.csv``: one row per arm and subject."""
+    rows = []
+    for arm, evaluation in evaluations.items():
+        for subject_id, numbers in evaluation.result["subjects"].items():
+            row = {"arm": arm, "subject": subject_id}
+            for key in ("rmse", "mae", "psnr", "ssim", "nrmse", "nstd", "ause"):
+                row[key] = numbers[key]
+            gaussian = numbers["gaussian"]
+            row["crps"], row["nll"] = gaussian["crps"], gaussian["nll"]
+            row["calibration_rms"] = gaussian["calibration_rms"]
+            for level in INTERVAL_LEVELS:
+                row[f"picp_{level_key(level)}"] = gaussian["picp"][level_key(level)]
+            for name, calibrated in numbers["calibrators"].items():
+                if "calibration_rms" in calibrated:
+                    row[f"calibration_rms_{name}"] = calibrated["calibration_rms"]
+            rows.append(row)
+    return rows
+
+
+def write_metrics(out_dir: Path, document: dict, rows: list[dict]) -> None:
+    """Write ``metrics.json`` and ``metrics.csv`` atomically."""
+    atomic_write_text(out_dir / "metrics.json", json.dumps(document, indent=2, allow_nan=False) + "\n")
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+
+
+def _finite(value):
+    """NaN and infinities become ``None`` (JSON has neither)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+

@@ -1,0 +1,311 @@
+"""All metrics of one test subject, and the cohort-level curves, in one streaming pass.
+
+:func:`evaluate_subject` turns one subject's volumes (truth, predictive mean
+and std, brain mask) into a JSON-ready dict of its numbers.
+:class:`CohortEvaluator` calls it subject by subject and keeps only what the
+cohort needs (those dicts, a plotting subsample of voxels, and the
+accumulators of the calibration curves, scores and sparsification), so the
+report can read the saved per-subject NIfTI volumes one at a time.
+
+Uncalibrated predictions are scored as the paper's Gaussian N(mean, std^2);
+each calibrator is given by its quantile and/or interval function (a
+fitted :class:`~uqsynth.calibration.base.Calibrator`'s bound ``quantile``
+and ``interval``), keyed by a name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from uqsynth.metrics._predictive import IntervalFn, QuantileFn
+from uqsynth.metrics._voxels import masked_voxels
+from uqsynth.metrics.accuracy import mae, psnr, rmse, ssim
+from uqsynth.metrics.calibration import DEFAULT_LEVELS, CalibrationCurveAccumulator
+from uqsynth.metrics.compare import triage
+from uqsynth.metrics.levels import correlation, nrmse, nstd, slice_level, voxel_pairs
+from uqsynth.metrics.scores import (
+    DEFAULT_INTERVAL_LEVELS,
+    CRPSAccumulator,
+    IntervalAccumulator,
+    NLLAccumulator,
+)
+from uqsynth.metrics.sparsification import SparsificationAccumulator, sparsification_curve
+
+
+def _interval_from_quantiles(quantile_fn: QuantileFn) -> IntervalFn:
+    """Central interval from a quantile function (what ``Calibrator.interval`` does by default)."""
+
+    def interval(mean, std, level):
+        tail = (1.0 - level) / 2.0
+        return quantile_fn(mean, std, tail), quantile_fn(mean, std, 1.0 - tail)
+
+    return interval
+
+
+class _Settings:
+    """Options shared by :func:`evaluate_subject` and :class:`CohortEvaluator`, validated once."""
+
+    def __init__(self, *, interval_fns, quantile_fns, interval_levels, calibration_levels, scale, std_floor):
+        self.interval_fns: dict[str, IntervalFn] = dict(interval_fns or {})
+        self.quantile_fns: dict[str, QuantileFn] = dict(quantile_fns or {})
+        self.interval_levels = tuple(float(level) for level in interval_levels)
+        self.calibration_levels = np.asarray(calibration_levels, dtype=np.float64)
+        self.scale = float(scale)
+        if not std_floor > 0:
+            raise ValueError(f"std_floor must be positive, got {std_floor}")
+        self.std_floor = float(std_floor)
+        self.names = list(self.quantile_fns) + [n for n in self.interval_fns if n not in self.quantile_fns]
+
+    def accumulators(self) -> dict[str, dict[str, object]]:
+        """Fresh accumulators: ``"gaussian"`` and one group per calibrator name."""
+        groups = {
+            "gaussian": {
+                "calibration": CalibrationCurveAccumulator(levels=self.calibration_levels),
+                "crps": CRPSAccumulator(std_floor=self.std_floor, scale=self.scale),
+                "nll": NLLAccumulator(std_floor=self.std_floor, scale=self.scale),
+                "intervals": IntervalAccumulator(levels=self.interval_levels, scale=self.scale),
+            }
+        }
+        for name in self.names:
+            group = {}
+            quantile_fn = self.quantile_fns.get(name)
+            if quantile_fn is not None:
+                group["calibration"] = CalibrationCurveAccumulator(levels=self.calibration_levels, quantile_fn=quantile_fn)
+                group["crps"] = CRPSAccumulator(quantile_fn=quantile_fn, scale=self.scale)
+            interval_fn = self.interval_fns.get(name) or _interval_from_quantiles(quantile_fn)
+            group["intervals"] = IntervalAccumulator(interval_fn=interval_fn, levels=self.interval_levels, scale=self.scale)
+            groups[name] = group
+        return groups
+
+
+def _summary(group: Mapping[str, object], *, curve: bool) -> dict:
+    """JSON numbers of one accumulator group; ``curve`` keeps the whole calibration curve."""
+    out: dict = {}
+    if "crps" in group:
+        out["crps"] = group["crps"].result()["crps"]
+    if "nll" in group:
+        out["nll"] = group["nll"].result()["nll"]
+    intervals = group["intervals"].result()
+    out["picp"], out["width"] = intervals["picp"], intervals["width"]
+    if "calibration" in group:
+        calibration = group["calibration"].result()
+        if curve:
+            out["calibration"] = calibration
+        else:
+            out["calibration_rms"] = calibration["rms"]
+            out["miscalibration_area"] = calibration["miscalibration_area"]
+    return out
+
+
+def _evaluate(truth, mean, std, mask, *, axis: int, settings: _Settings) -> tuple[dict, dict]:
+    """Per-subject numbers and the filled accumulators (for the cohort)."""
+    t, m, s = masked_voxels(mask, truth, mean, std, names=("truth", "mean", "std"))
+    if (s < 0).any():
+        raise ValueError("std holds negative values inside the mask")
+    scale = settings.scale
+    sparsity = sparsification_curve(t, m, s, scale=scale)
+    result = {
+        "n_voxels": int(t.size),
+        "rmse": rmse(t, m, scale=scale),
+        "mae": mae(t, m, scale=scale),
+        "psnr": psnr(t, m),
+        "ssim": ssim(truth, mean, mask, axis=axis),
+        "nrmse": nrmse(t, m),
+        "nstd": nstd(s, scale=scale),
+        "slices": slice_level(truth, mean, std, mask, axis=axis, scale=scale),
+        "voxel_correlation": correlation(np.abs(m - t), s),
+        "ause": sparsity["ause"],
+        "ause_normalized": sparsity["ause_normalized"],
+    }
+    # Probabilistic scores see std >= std_floor: calibrators refuse std 0, and
+    # a voxel every MC sample agreed on would otherwise have no distribution.
+    s_floored = np.maximum(s, settings.std_floor)
+    groups = settings.accumulators()
+    for group in groups.values():
+        for accumulator in group.values():
+            accumulator.update(t, m, s_floored)
+    result["gaussian"] = _summary(groups["gaussian"], curve=False)
+    result["calibrators"] = {name: _summary(groups[name], curve=False) for name in settings.names}
+    return result, groups
+
+
+def evaluate_subject(
+    truth: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    mask: np.ndarray,
+    *,
+    axis: int,
+    interval_fns: Mapping[str, IntervalFn] | None = None,
+    quantile_fns: Mapping[str, QuantileFn] | None = None,
+    interval_levels: tuple[float, ...] = DEFAULT_INTERVAL_LEVELS,
+    calibration_levels: np.ndarray = DEFAULT_LEVELS,
+    scale: float = 255.0,
+    std_floor: float = 1e-6,
+) -> dict:
+    """Every per-subject metric, as a JSON-ready dict.
+
+    Args:
+        truth: True volume, normalized to [0, 1].
+        mean: Predictive mean (the synthesized image), same shape.
+        std: Predictive std (the uncertainty), same shape, >= 0.
+        mask: Boolean brain mask, same shape; every metric is computed inside it.
+        axis: Slice axis (axial).
+        interval_fns: Calibrator name -> ``interval(mean, std, level)``.
+        quantile_fns: Calibrator name -> ``quantile(mean, std, q)``. A name
+            given only here gets central intervals from its quantiles.
+        interval_levels: Levels of PICP and width.
+        calibration_levels: Grid of the calibration curve.
+        scale: Intensity scale of reported errors, stds, CRPS and widths (the paper's 255).
+        std_floor: Floor on std (normalized scale) for the probabilistic scores.
+
+    Returns:
+        A dict with ``n_voxels``, ``rmse``, ``mae`` (both on [0, scale]),
+        ``psnr`` (dB), ``ssim``, ``nrmse``, ``nstd``, ``slices`` (``index``,
+        ``nrmse``, ``nstd`` lists), ``voxel_correlation`` (``pearson``,
+        ``pearson_p``, ``spearman``, ``spearman_p``, ``n``: |error| vs std
+        over all brain voxels), ``ause`` and ``ause_normalized`` (exact
+        sparsification), ``gaussian`` (``crps``, ``nll``, ``picp`` and
+        ``width`` keyed by level as ``"0.9"``, ``calibration_rms``,
+        ``miscalibration_area``) and ``calibrators`` (name -> the same
+        without ``nll``; ``crps`` and the calibration keys only for names
+        with a quantile function).
+    """
+    settings = _Settings(
+        interval_fns=interval_fns,
+        quantile_fns=quantile_fns,
+        interval_levels=interval_levels,
+        calibration_levels=calibration_levels,
+        scale=scale,
+        std_floor=std_floor,
+    )
+    return _evaluate(truth, mean, std, mask, axis=axis, settings=settings)[0]
+
+
+class CohortEvaluator:
+    """Per-subject metrics plus the cohort-level curves, fed one subject at a time.
+
+    Memory holds one subject's volumes at a time plus bounded summaries:
+    calibration counts per grid point, score sums, the sparsification
+    histograms and a subsample of (|error|, std) pairs per subject for the
+    voxel-level scatter plot.
+
+    Args:
+        axis: Slice axis of the volumes.
+        interval_fns, quantile_fns, interval_levels, calibration_levels, scale, std_floor:
+            As in :func:`evaluate_subject`.
+        sparsification_bins, key_range: Histogram of :class:`SparsificationAccumulator`.
+        voxel_points: Size of the per-subject (|error|, std) subsample kept for plots.
+        seed: Seed of that subsample.
+
+    Attributes:
+        subjects_: Subject id -> :func:`evaluate_subject` dict, in order added.
+        voxel_pairs_: Subject id -> ``(abs_error, std)`` arrays on [0, scale].
+        accumulators_: ``"gaussian"`` and calibrator name -> accumulators.
+        sparsification_: The cohort :class:`SparsificationAccumulator`.
+    """
+
+    def __init__(
+        self,
+        *,
+        axis: int,
+        interval_fns: Mapping[str, IntervalFn] | None = None,
+        quantile_fns: Mapping[str, QuantileFn] | None = None,
+        interval_levels: tuple[float, ...] = DEFAULT_INTERVAL_LEVELS,
+        calibration_levels: np.ndarray = DEFAULT_LEVELS,
+        scale: float = 255.0,
+        std_floor: float = 1e-6,
+        sparsification_bins: int = 4096,
+        key_range: tuple[float, float] = (1e-6, 1.0),
+        voxel_points: int = 20000,
+        seed: int = 0,
+    ) -> None:
+        self.axis = axis
+        self._settings = _Settings(
+            interval_fns=interval_fns,
+            quantile_fns=quantile_fns,
+            interval_levels=interval_levels,
+            calibration_levels=calibration_levels,
+            scale=scale,
+            std_floor=std_floor,
+        )
+        self.voxel_points = voxel_points
+        self.seed = seed
+        self.subjects_: dict[str, dict] = {}
+        self.voxel_pairs_: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.accumulators_ = self._settings.accumulators()
+        self.sparsification_ = SparsificationAccumulator(bins=sparsification_bins, key_range=key_range, scale=scale)
+
+    def add(self, subject_id: str, truth: np.ndarray, mean: np.ndarray, std: np.ndarray, mask: np.ndarray) -> dict:
+        """Evaluate one subject, fold it into the cohort, and return its dict.
+
+        Raises:
+            ValueError: The id was added before, or the inputs are invalid.
+        """
+        subject_id = str(subject_id)
+        if subject_id in self.subjects_:
+            raise ValueError(f"subject {subject_id!r} was added already")
+        result, groups = _evaluate(truth, mean, std, mask, axis=self.axis, settings=self._settings)
+        for name, group in groups.items():
+            for key, accumulator in group.items():
+                self.accumulators_[name][key].merge(accumulator)
+        self.sparsification_.update(truth, mean, std, mask)
+        self.voxel_pairs_[subject_id] = voxel_pairs(
+            truth, mean, std, mask, max_points=self.voxel_points, seed=self.seed, scale=self._settings.scale
+        )
+        self.subjects_[subject_id] = result
+        return result
+
+    def result(self) -> dict:
+        """Cohort numbers and curves, JSON-ready.
+
+        Returns:
+            A dict with ``n_subjects``; ``subjects`` (id -> per-subject
+            dict); ``rmse_per_subject`` (id -> RMSE); the means over
+            subjects ``rmse_mean``, ``mae_mean``, ``psnr_mean``,
+            ``ssim_mean``, ``nrmse_mean``, ``nstd_mean``; ``levels`` with
+            ``voxel`` (``pearson``, ``spearman``: means of the per-subject
+            correlations), ``slice`` (correlation over all slices of all
+            subjects) and ``volume`` (over subjects); ``triage`` (see
+            :func:`~uqsynth.metrics.compare.triage`; None with fewer than 2
+            subjects); ``gaussian`` and ``calibrators`` (name -> ...) with
+            ``crps``, ``picp``, ``width`` (``nll`` for the Gaussian only)
+            pooled over all test voxels and ``calibration`` (the pooled
+            curve: ``expected``, ``observed``, ``rms``,
+            ``miscalibration_area``, ``n``); and ``sparsification``
+            (pooled curves over all test voxels, binned: ``recall``,
+            ``rmse``, ``rmse_oracle``, ``ause``, ``ause_normalized``, ``n``).
+        """
+        if not self.subjects_:
+            raise ValueError("no subjects added yet; call add first")
+        subjects = self.subjects_
+        ids = list(subjects)
+
+        def mean_of(key: str) -> float:
+            return float(np.mean([subjects[i][key] for i in ids]))
+
+        slice_nrmse = [v for i in ids for v in subjects[i]["slices"]["nrmse"]]
+        slice_nstd = [v for i in ids for v in subjects[i]["slices"]["nstd"]]
+        volume_nrmse = {i: subjects[i]["nrmse"] for i in ids}
+        volume_nstd = {i: subjects[i]["nstd"] for i in ids}
+        return {
+            "n_subjects": len(ids),
+            "subjects": subjects,
+            "rmse_per_subject": {i: subjects[i]["rmse"] for i in ids},
+            **{f"{key}_mean": mean_of(key) for key in ("rmse", "mae", "psnr", "ssim", "nrmse", "nstd")},
+            "levels": {
+                "voxel": {
+                    "pearson": float(np.mean([subjects[i]["voxel_correlation"]["pearson"] for i in ids])),
+                    "spearman": float(np.mean([subjects[i]["voxel_correlation"]["spearman"] for i in ids])),
+                    "n_subjects": len(ids),
+                },
+                "slice": correlation(slice_nrmse, slice_nstd),
+                "volume": correlation(list(volume_nrmse.values()), list(volume_nstd.values())),
+            },
+            "triage": triage(volume_nstd, volume_nrmse) if len(ids) >= 2 else None,
+            "gaussian": _summary(self.accumulators_["gaussian"], curve=True),
+            "calibrators": {name: _summary(self.accumulators_[name], curve=True) for name in self._settings.names},
+            "sparsification": self.sparsification_.result(),
+        }

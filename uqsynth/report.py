@@ -1,0 +1,217 @@
+"""The report: the paper's Figs. 2-7 for every arm, as PNGs and one offline HTML page.
+
+Everything here is drawn from the evaluate stage's results (no sampling),
+so ``uqsynth report RUN`` rebuilds it from the saved predictions:
+
+- ``fig2_rmse.png``: per-subject volume RMSE per arm, with the paired t-test;
+- ``fig3_examples_<arm>.png``: three slices of one test subject: T1w, true
+  T2w, synthesized T2w, |error| and uncertainty (std);
+- ``fig4_error_vs_uncertainty_<arm>.png``: voxel, slice and volume level;
+- ``fig5_sparsification.png``: RMSE of the voxels kept as the most uncertain
+  are removed, with the oracle (removal by true error);
+- ``fig6_7_calibration_<arm>.png``: calibration curves before and after each
+  calibrator, with their RMS distance to y = x.
+
+``report.html`` embeds the images (base64) and the tables, so it opens
+offline and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed, and the same output everywhere
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from uqsynth._files import atomic_path, atomic_write_text  # noqa: E402
+from uqsynth.evaluation import ArmEvaluation  # noqa: E402
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(figure)
+    return path
+
+
+def figure_rmse(evaluations: dict[str, ArmEvaluation], ttest: dict | None, path: Path) -> Path:
+    """Fig. 2: box plots of per-subject RMSE (brain mask, [0, 255])."""
+    figure, axes = plt.subplots(figsize=(1.8 + 1.6 * len(evaluations), 4))
+    values = [list(e.result["rmse_per_subject"].values()) for e in evaluations.values()]
+    axes.boxplot(values, sym="r+")
+    axes.set_xticks(range(1, len(values) + 1), list(evaluations))
+    axes.set_ylabel("volume RMSE (brain, [0, 255])")
+    title = "Synthesis accuracy per test subject"
+    if ttest and ttest.get("p") is not None:
+        title += f"\npaired t-test {ttest['arms'][0]} vs {ttest['arms'][1]}: p = {ttest['p']:.3g}"
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def _example_slices(mask: np.ndarray, axis: int, count: int = 3) -> list[int]:
+    """Slices at the quartiles of the brain's extent along ``axis``."""
+    area = mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis))
+    present = np.flatnonzero(area > 0.25 * area.max())
+    return [int(present[int(len(present) * q)]) for q in np.linspace(0.25, 0.75, count)]
+
+
+def figure_examples(name: str, evaluation: ArmEvaluation, path: Path) -> Path:
+    """Fig. 3: T1w, true T2w, synthesized, |error| and uncertainty on three slices."""
+    example = evaluation.example
+    axis = int(example["axis"])
+    rows = _example_slices(example["mask"], axis)
+    error = np.abs(example["mean"] - example["truth"]) * example["mask"]
+    columns = [("T1w", example["source"], 1.0), ("true T2w", example["truth"], 1.0),
+               ("synthesized T2w", example["mean"], 1.0), ("|error|", error, 0.5),
+               ("uncertainty (std)", example["std"], max(float(example["std"].max()), 1e-6))]
+    figure, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.2 * len(rows)))
+    for r, index in enumerate(rows):
+        for c, (title, volume, vmax) in enumerate(columns):
+            image = np.take(volume, index, axis=axis).T[::-1]  # superior-up display of the axial plane
+            ax = axes[r, c]
+            ax.imshow(image, cmap="gray" if c < 3 else "magma", vmin=0, vmax=vmax)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+        axes[r, 0].set_ylabel(f"slice {index}", fontsize=8)
+    figure.suptitle(f"{name}: subject {example['subject']}", fontsize=10)
+    return _save(figure, path)
+
+
+def figure_levels(name: str, evaluation: ArmEvaluation, path: Path) -> Path:
+    """Fig. 4: error against uncertainty at the voxel, slice and volume level."""
+    result = evaluation.result
+    first = next(iter(evaluation.evaluator.voxel_pairs_))
+    abs_error, std = evaluation.evaluator.voxel_pairs_[first]
+    slices = [(v, n) for s in result["subjects"].values() for v, n in zip(s["slices"]["nstd"], s["slices"]["nrmse"])]
+    volumes = [(s["nstd"], s["nrmse"]) for s in result["subjects"].values()]
+    levels = result["levels"]
+    panels = [
+        (f"voxel (subject {first})", std, abs_error, "std", "|error|", levels["voxel"]),
+        ("slice", [a for a, _ in slices], [b for _, b in slices], "nSTD", "nRMSE", levels["slice"]),
+        ("volume", [a for a, _ in volumes], [b for _, b in volumes], "nSTD", "nRMSE", levels["volume"]),
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (title, x, y, xlabel, ylabel, stats) in zip(axes, panels):
+        ax.scatter(x, y, s=2 if title.startswith("voxel") else 10, alpha=0.4 if title.startswith("voxel") else 0.8)
+        pearson = stats.get("pearson")
+        spearman = stats.get("spearman")
+        ax.set_title(f"{title}\nPearson {_fmt(pearson)}, Spearman {_fmt(spearman)}", fontsize=9)
+        ax.set_xlabel(xlabel), ax.set_ylabel(ylabel)
+    figure.suptitle(f"{name}: error vs uncertainty", fontsize=10)
+    return _save(figure, path)
+
+
+def figure_sparsification(evaluations: dict[str, ArmEvaluation], path: Path) -> Path:
+    """Fig. 5: precision-recall (sparsification) curves with their oracles."""
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for index, (name, evaluation) in enumerate(evaluations.items()):
+        curve = evaluation.result["sparsification"]
+        color = f"C{index}"
+        ax.plot(curve["recall"], curve["rmse"], color=color, label=f"{name} (AUSE {_fmt(curve['ause'])})")
+        ax.plot(curve["recall"], curve["rmse_oracle"], color=color, linestyle="--", label=f"{name} oracle")
+    ax.invert_xaxis()
+    ax.set_xlabel("recall (fraction of voxels kept, most uncertain removed first)")
+    ax.set_ylabel("RMSE of kept voxels ([0, 255])")
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def figure_calibration(name: str, evaluation: ArmEvaluation, path: Path) -> Path:
+    """Figs. 6-7: expected vs observed proportion below the predicted p-quantile."""
+    result = evaluation.result
+    figure, ax = plt.subplots(figsize=(4.6, 4.6))
+    ax.plot([0, 1], [0, 1], color="0.6", linewidth=1)
+    curves = {"before (Gaussian)": result["gaussian"]["calibration"]}
+    curves.update({f"after {n}": c["calibration"] for n, c in result["calibrators"].items() if "calibration" in c})
+    for label, curve in curves.items():
+        ax.plot(curve["expected"], curve["observed"], marker=".", label=f"{label}: RMS {_fmt(curve['rms'])}")
+    ax.plot([0.5], [0.5], marker="*", color="green", markersize=10, linestyle="none")
+    ax.set_xlabel("expected confidence level"), ax.set_ylabel("observed confidence level")
+    ax.set_title(f"{name}: calibration", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(figure, path)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3g}"
+
+
+def build_report(out_dir: Path, evaluations: dict[str, ArmEvaluation], document: dict) -> Path:
+    """Write every figure and ``report.html``; return the HTML path."""
+    figures: list[tuple[str, Path]] = [
+        ("Fig. 2: accuracy", figure_rmse(evaluations, document.get("paired_ttest"), out_dir / "fig2_rmse.png"))
+    ]
+    for name, evaluation in evaluations.items():
+        figures.append((f"Fig. 3: examples, {name}", figure_examples(name, evaluation, out_dir / f"fig3_examples_{name}.png")))
+    for name, evaluation in evaluations.items():
+        figures.append((f"Fig. 4: error vs uncertainty, {name}",
+                        figure_levels(name, evaluation, out_dir / f"fig4_error_vs_uncertainty_{name}.png")))
+    figures.append(("Fig. 5: sparsification", figure_sparsification(evaluations, out_dir / "fig5_sparsification.png")))
+    for name, evaluation in evaluations.items():
+        figures.append((f"Figs. 6-7: calibration, {name}",
+                        figure_calibration(name, evaluation, out_dir / f"fig6_7_calibration_{name}.png")))
+    page = render_html(document, figures)
+    atomic_write_text(out_dir / "report.html", page)
+    return out_dir / "report.html"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v) if isinstance(v, float) or v is None else str(v))}</td>"
+                         for v in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
+    """One self-contained page: summary tables, then every figure embedded as base64 PNG."""
+    arms = document["arms"]
+    summary = _table(
+        ["arm", "RMSE", "MAE", "PSNR (dB)", "SSIM", "CRPS", "NLL", "PICP 95%", "AUSE",
+         "volume Spearman (nSTD vs nRMSE)", "learned p"],
+        [[name, a["rmse_mean"], a["mae_mean"], a["psnr_mean"], a["ssim_mean"], a["crps"], a["nll"],
+          a["picp"].get("0.95"), a["ause"], a["volume_spearman"],
+          ", ".join(f"{p:.3f}" for p in a["learned_p"]) or "fixed"] for name, a in arms.items()],
+    )
+    calibrators = sorted({c for a in arms.values() for c in a["calibration_rms_after"]})
+    calibration = _table(
+        ["arm", "calibration RMS before", *[f"after {c}" for c in calibrators],
+         "PICP 90% before", *[f"PICP 90% {c}" for c in calibrators]],
+        [[name, a["calibration_rms_before"], *[a["calibration_rms_after"].get(c) for c in calibrators],
+          a["picp"].get("0.9"), *[a["picp_after"].get(c, {}).get("0.9") for c in calibrators]]
+         for name, a in arms.items()],
+    )
+    subjects = sorted({s for a in arms.values() for s in a["rmse_per_subject"]})
+    per_subject = _table(["subject", *arms], [[s, *[arms[a]["rmse_per_subject"].get(s) for a in arms]] for s in subjects])
+    ttest = document.get("paired_ttest")
+    ttest_text = (
+        f"Two-sided paired t-test on per-subject RMSE, {ttest['arms'][0]} vs {ttest['arms'][1]}: "
+        f"t = {_fmt(ttest['t'])}, p = {_fmt(ttest['p'])} (n = {ttest['n']})." if ttest else "Only one arm: no t-test."
+    )
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in document.get("timing", {}).items())
+    images = "".join(
+        f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,"
+        f"{base64.b64encode(path.read_bytes()).decode()}'><figcaption>{html.escape(title)}</figcaption></figure>"
+        for title, path in figures
+    )
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}th{background:#f4f4f4}td:first-child{text-align:left}"
+             "figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:90%}")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>uqsynth report</title>"
+        f"<style>{style}</style></head><body><h1>uqsynth report</h1>"
+        f"<p>Errors on the [0, 255] scale inside the brain mask; intensities normalized per slice. {html.escape(ttest_text)}</p>"
+        f"<h2>Accuracy and uncertainty</h2>{summary}<h2>Calibration</h2>{calibration}"
+        f"<h2>Per-subject RMSE</h2>{per_subject}<p>Timing: {html.escape(timing)}</p>"
+        f"<h2>Figures</h2>{images}</body></html>"
+    )
+
