@@ -16,7 +16,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     config = root / "tiny.toml"
     config.write_text(TINY)
-    assert main(["run", str(config), "--out", str(root / "run")]) == 3  # stops at evaluation, not built yet
+    assert main(["run", str(config), "--out", str(root / "run")]) == 0
     phantoms = {}
     for orientation in ("RAS", "LPS"):
         (subject,) = write_subjects(root / orientation, 1, seed=7, shape=(40, 44, 32), orientation=orientation)

@@ -1,0 +1,88 @@
+"""The end of `uqsynth run`: calibrators fitted, metrics.json/csv, figures, report.html, `uqsynth report`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+from test_training import TINY
+
+from uqsynth.calibration.io import load_calibrator
+from uqsynth.cli import main
+
+FIGURES = {
+    "fig2_rmse.png",
+    "fig3_examples_mc.png", "fig3_examples_concrete.png",
+    "fig4_error_vs_uncertainty_mc.png", "fig4_error_vs_uncertainty_concrete.png",
+    "fig5_sparsification.png",
+    "fig6_7_calibration_mc.png", "fig6_7_calibration_concrete.png",
+}
+ARM_KEYS = {
+    "rmse_per_subject", "rmse_mean", "psnr_mean", "ssim_mean", "calibration_rms_before", "calibration_rms_after",
+    "miscalibration_area_before", "crps", "nll", "picp", "ause", "volume_spearman", "learned_p",
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    config = root / "tiny.toml"
+    config.write_text(TINY.replace("subjects = 3", "subjects = 5").replace("test_fraction = 0.34", "test_fraction = 0.4"))
+    assert main(["run", str(config), "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+def test_metrics_json_has_every_key_the_paper_needs(finished):
+    metrics = json.loads((finished / "metrics.json").read_text())
+    assert set(metrics["arms"]) == {"mc", "concrete"}
+    for name, arm in metrics["arms"].items():
+        assert ARM_KEYS <= set(arm), name
+        assert len(arm["rmse_per_subject"]) == 2
+        assert set(arm["calibration_rms_after"]) == {"isotonic", "sigma_scaling", "conformal"}
+        assert set(arm["picp"]) == {"0.5", "0.9", "0.95"} and all(0 <= v <= 1 for v in arm["picp"].values())
+        assert 0 <= arm["calibration_rms_before"] <= 1 and arm["rmse_mean"] > 0
+    assert len(metrics["arms"]["concrete"]["learned_p"]) == 2 and metrics["arms"]["mc"]["learned_p"] == []
+    test = metrics["paired_ttest"]
+    assert test["arms"] == ["mc", "concrete"] and test["n"] == 2 and "t" in test and "p" in test
+    assert {"train", "sample", "calibrate"} <= set(metrics["timing"])
+
+
+def test_metrics_csv_has_a_row_per_arm_and_subject(finished):
+    with open(finished / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {r["arm"] for r in rows} == {"mc", "concrete"}
+    assert all(float(r["rmse"]) > 0 for r in rows)
+
+
+def test_calibrators_are_saved_per_arm_and_bound_to_it(finished):
+    name, calibrator = load_calibrator(finished / "mc" / "calibrators" / "isotonic.safetensors", arm="mc")
+    assert name == "isotonic" and calibrator.n_ > 0
+    with pytest.raises(Exception, match="fitted for arm 'mc', not 'concrete'"):
+        load_calibrator(finished / "mc" / "calibrators" / "isotonic.safetensors", arm="concrete")
+
+
+def test_report_is_one_offline_page_with_every_figure(finished):
+    assert FIGURES <= {p.name for p in finished.glob("*.png")}
+    page = (finished / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES)
+    assert not re.search(r"(src|href)=['\"]https?://", page)  # nothing fetched when opened
+    assert "paired t-test" in page and "calibration RMS before" in page
+
+
+def test_report_command_rebuilds_identical_metrics_without_sampling(finished, capsys):
+    before = json.loads((finished / "metrics.json").read_text())
+    for path in [*finished.glob("*.png"), finished / "report.html", finished / "metrics.json"]:
+        path.unlink()
+    assert main(["report", str(finished)]) == 0
+    after = json.loads((finished / "metrics.json").read_text())
+    before.pop("timing"), after.pop("timing")
+    assert after == before
+    assert FIGURES <= {p.name for p in finished.glob("*.png")} and (finished / "report.html").exists()
+    assert "sampled" not in capsys.readouterr().err
+
+
+def test_report_on_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a run directory (no config.toml)"
