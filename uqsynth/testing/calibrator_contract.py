@@ -36,6 +36,7 @@ import pytest
 from sklearn.base import BaseEstimator, clone
 from sklearn.exceptions import NotFittedError
 
+from uqsynth.testing._contract import parametrize, run_checks
 from uqsynth.calibration.base import Calibrator
 from uqsynth.calibration.io import load_calibrator, save_calibrator
 
@@ -378,11 +379,7 @@ def check_calibrator(factory: CalibratorFactory) -> None:
     Raises:
         AssertionError: At the first failed check, naming the check and the calibrator.
     """
-    for check in CALIBRATOR_CHECKS:
-        try:
-            check(factory)
-        except AssertionError as error:
-            raise AssertionError(f"{check.__name__} failed for {_name(factory)}: {error}") from error
+    run_checks(CALIBRATOR_CHECKS, factory, _name(factory))
 
 
 def parametrize_with_checks(factories: Sequence[CalibratorFactory]) -> pytest.MarkDecorator:
@@ -397,9 +394,4 @@ def parametrize_with_checks(factories: Sequence[CalibratorFactory]) -> pytest.Ma
     Returns:
         A ``pytest.mark.parametrize`` decorator.
     """
-    params = [
-        pytest.param(factory, check, id=f"{_name(factory)}-{check.__name__}")
-        for factory in factories
-        for check in CALIBRATOR_CHECKS
-    ]
-    return pytest.mark.parametrize(("factory", "check"), params)
+    return parametrize(CALIBRATOR_CHECKS, factories, _name)

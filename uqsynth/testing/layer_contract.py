@@ -42,6 +42,7 @@ import pytest
 import torch
 from torch import nn
 
+from uqsynth.testing._contract import parametrize, run_checks
 from uqsynth.layers import StochasticLayer, sampling, set_sampling
 
 LayerFactory = Callable[[], StochasticLayer]
@@ -329,11 +330,7 @@ def check_stochastic_layer(factory: LayerFactory) -> None:
     Raises:
         AssertionError: At the first failed check, naming the check and the layer.
     """
-    for check in LAYER_CHECKS:
-        try:
-            check(factory)
-        except AssertionError as error:
-            raise AssertionError(f"{check.__name__} failed for {_name(factory)}: {error}") from error
+    run_checks(LAYER_CHECKS, factory, _name(factory))
 
 
 def parametrize_with_checks(factories: Sequence[LayerFactory]) -> pytest.MarkDecorator:
@@ -349,9 +346,4 @@ def parametrize_with_checks(factories: Sequence[LayerFactory]) -> pytest.MarkDec
     Returns:
         A ``pytest.mark.parametrize`` decorator.
     """
-    params = [
-        pytest.param(factory, check, id=f"{_name(factory)}-{check.__name__}")
-        for factory in factories
-        for check in LAYER_CHECKS
-    ]
-    return pytest.mark.parametrize(("factory", "check"), params)
+    return parametrize(LAYER_CHECKS, factories, _name)
