@@ -152,3 +152,17 @@ def test_an_out_directory_holding_another_configuration_is_refused(tiny_run, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: --out {out} holds a run with a different configuration (train.lr: 0.0002 there, 0.001 now)")
     assert (out / "config.toml").read_text() == saved
+
+
+def test_training_further_discards_the_shorter_runs_predictions_and_calibrators(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "o"
+    assert main(["run", str(config), "--out", str(out), "--set", "train.epochs=1"]) == 0
+    old = (out / "mc" / "predictions").stat().st_mtime_ns, (out / "mc" / "calibrators").stat().st_mtime_ns
+    first = sorted(p.name for p in (out / "mc" / "predictions").iterdir())
+    assert main(["run", str(config), "--out", str(out)]) == 0
+    assert [int(r["epoch"]) for r in read_log(out / "mc" / "train_log.csv")] == [1, 2]
+    new = (out / "mc" / "predictions").stat().st_mtime_ns, (out / "mc" / "calibrators").stat().st_mtime_ns
+    assert all(n > o for n, o in zip(new, old))  # sampled and fitted again for the 2-epoch weights
+    assert sorted(p.name for p in (out / "mc" / "predictions").iterdir()) == first

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -180,8 +181,11 @@ def stage_train(context: RunContext) -> None:
         file=sys.stderr,
     )
     for arm_name in config.arms:
-        models = context.models[arm_name]
-        Trainer(config, arm_name, models, train_set, context.out_dir / arm_name, context.device).fit()
+        arm_dir = context.out_dir / arm_name
+        if Trainer(config, arm_name, context.models[arm_name], train_set, arm_dir, context.device).fit():
+            # The weights changed: samples and calibrators of an earlier, shorter run are stale.
+            for stale in ("predictions", "calibrators"):
+                shutil.rmtree(arm_dir / stale, ignore_errors=True)
 
 
 def stage_sample(context: RunContext) -> None:

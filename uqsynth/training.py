@@ -252,8 +252,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ epochs
 
-    def fit(self) -> None:
-        """Train the remaining epochs, writing the log and a checkpoint after each."""
+    def fit(self) -> int:
+        """Train the remaining epochs, writing the log and a checkpoint after each.
+
+        Returns:
+            How many epochs were trained now (0 when the arm was already done).
+        """
         arm_dir = self.out_dir
         arm_dir.mkdir(parents=True, exist_ok=True)
         epochs = self.config.train.epochs
@@ -262,7 +266,7 @@ class Trainer:
                 self.log(f"arm {self.arm_name}: already trained ({self.epoch} epochs), skipping")
                 if not (self.out_dir / GENERATOR_WEIGHTS).exists():  # killed between checkpoint and export
                     self.save_generator()
-                return
+                return 0
             self.log(f"arm {self.arm_name}: resuming after epoch {self.epoch} of {epochs}")
         else:
             # A fresh arm's crops and masks must not depend on what ran before it in this process.
@@ -270,7 +274,8 @@ class Trainer:
         self.generator.train()
         self.discriminator.train()
         steps = self.steps_per_epoch()
-        for epoch in range(self.epoch + 1, epochs + 1):
+        first = self.epoch + 1
+        for epoch in range(first, epochs + 1):
             started = time.perf_counter()
             totals: dict[str, float] = {}
             bar = tqdm(self.batches(epoch), total=steps, desc=f"{self.arm_name} {epoch}/{epochs}",
@@ -302,6 +307,7 @@ class Trainer:
                 f"{row['seconds']:.1f} s"
             )
         self.save_generator()
+        return epochs - first + 1
 
     # ------------------------------------------------------------------ files
 
