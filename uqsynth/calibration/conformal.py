@@ -119,10 +119,11 @@ class ConformalCalibrator(StreamingCalibrator):
         """``mean + sign(q - 1/2) * std * q_hat(|2 q - 1|)``; infinite when the rank exceeds ``n``."""
         check_is_fitted(self)
         q = check_probabilities(q)
-        mean, std, q = check_inputs(mean, std, q, other_name="q")
-        score = self.score_quantile(np.abs(2.0 * q - 1.0))
+        # On q's own (usually scalar) shape, before broadcasting to voxels.
         # At q = 1/2 the sign is 0 and the score 0; never 0 * inf.
-        return mean + np.sign(q - 0.5) * std * score
+        offset = np.sign(q - 0.5) * self.score_quantile(np.abs(2.0 * q - 1.0))
+        mean, std, _ = check_inputs(mean, std, q, other_name="q")
+        return mean + std * offset
 
     def interval(self, mean, std, level):
         """``mean ± q_hat(level) * std``, holding the truth with probability >= ``level``.

@@ -149,6 +149,7 @@ class IsotonicCalibrator(StreamingCalibrator):
         """Calibrated quantile ``F^{-1}(R^{-1}(q)) = mean + std * G^{-1}(q)``, within ``mean ± z_max * std``."""
         check_is_fitted(self)
         q = check_probabilities(q)
-        mean, std, q = check_inputs(mean, std, q, other_name="q")
-        return mean + std * self.residual_quantile(q)
+        z = self.residual_quantile(q)  # on q's own (usually scalar) shape, before broadcasting to voxels
+        mean, std, _ = check_inputs(mean, std, q, other_name="q")
+        return mean + std * z
 
