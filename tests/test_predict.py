@@ -155,3 +155,17 @@ def test_samples_below_two_are_refused(trained, tmp_path, capsys):
     status = main(["predict", "--model", str(root / "run" / "concrete"), "--input", str(phantoms["RAS"]),
                    "--out", str(tmp_path / "o"), "--samples", "1"])
     assert status == 2 and "--samples must be at least 2" in capsys.readouterr().err
+
+
+def test_predict_on_a_smoke_run_of_the_shipped_configuration(tmp_path, capsys):
+    """The saved config.toml is resolved: reloading it must not re-apply the phantom fallback profile."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "plugins" / "bcgan_t1t2.toml"
+    run = tmp_path / "smoke"
+    assert main(["run", str(shipped), "--smoke", "--out", str(run), "--set", "train.epochs=1"]) == 0
+    (subject,) = write_subjects(tmp_path / "P", 1, seed=3, shape=(40, 44, 32))
+    t1 = next(subject.glob("*-t1n.nii.gz"))
+    assert main(["predict", "--model", str(run / "concrete_dropout"), "--input", str(t1),
+                 "--out", str(tmp_path / "O"), "--samples", "3"]) == 0
+    assert len(list((tmp_path / "O").glob("*.nii.gz"))) == 4

@@ -607,7 +607,12 @@ def check_params(
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
-    """The resolved configuration as plain TOML-ready tables (``None`` values left out)."""
+    """The resolved configuration as plain TOML-ready tables (``None`` values left out).
+
+    Profiles were applied while resolving, so neither ``[profiles]`` nor
+    ``data.fallback_profile`` is kept: reloading the saved file must give
+    this configuration, not apply a profile a second time.
+    """
 
     def plain(value: Any) -> Any:
         if isinstance(value, PluginSpec):
@@ -625,6 +630,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         return value
 
     tables = plain(config)
+    tables.pop("profiles", None)
+    tables["data"].pop("fallback_profile", None)
     data = tables["data"]
     for name, options in data.pop("options").items():
         data[name] = options
