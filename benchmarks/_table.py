@@ -1,6 +1,6 @@
 """Markdown tables of a ``--benchmark-json`` file, as pasted into benchmarks/README.md.
 
-    python -m benchmarks._table /tmp/full.json
+    python -m benchmarks._table bench.json
 """
 
 from __future__ import annotations
