@@ -148,16 +148,51 @@ class PeakMemory:
             self.mib = max(0.0, _proc_status_mib("VmHWM") - self._start)
 
 
+class OtherLoad:
+    """CPU cores that other processes kept busy during a block (Linux ``/proc/stat``), to flag shared-machine noise.
+
+    All cores' busy time minus this process's own CPU time, divided by the
+    wall time: 0 on a quiet machine, about 1 when another job holds a core.
+    """
+
+    @staticmethod
+    def _busy_seconds() -> float:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_seconds() -> float:
+        times = os.times()
+        return times.user + times.system
+
+    def __enter__(self) -> OtherLoad:
+        self.cores = float("nan")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            self._start = (time.perf_counter(), self._busy_seconds(), self._own_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not hasattr(self, "_start"):
+            return
+        wall, busy, own = self._start
+        elapsed = time.perf_counter() - wall
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            other = (self._busy_seconds() - busy) - (self._own_seconds() - own)
+            self.cores = max(0.0, other / elapsed) if elapsed > 0 else float("nan")
+
+
 class Tracked:
-    """Wraps a benchmarked function so every call also records its peak memory (``peaks``)."""
+    """Wraps a benchmarked function so every call also records its peak memory and the machine's other load."""
 
     def __init__(self, fn: Callable, device: torch.device) -> None:
-        self.fn, self.device, self.peaks, self.how = fn, device, [], ""
+        self.fn, self.device, self.peaks, self.loads, self.how = fn, device, [], [], ""
 
     def __call__(self, *args, **kwargs):
-        with PeakMemory(self.device) as memory:
+        with PeakMemory(self.device) as memory, OtherLoad() as load:
             result = self.fn(*args, **kwargs)
         self.peaks.append(memory.mib)
+        self.loads.append(load.cores)
         self.how = memory.how
         return result
 
@@ -165,6 +200,11 @@ class Tracked:
         """The largest peak over the calls after the first ``skip`` (warm-up rounds)."""
         peaks = self.peaks[skip:] or self.peaks
         return round(max(peaks), 1)
+
+    def other_load(self, skip: int = 0) -> float:
+        """The largest load of other processes (in cores) over the calls after the first ``skip``."""
+        loads = self.loads[skip:] or self.loads
+        return round(max(loads), 2)
 
 
 def median_seconds(benchmark) -> float:

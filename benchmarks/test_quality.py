@@ -89,6 +89,7 @@ def test_evaluate_arm(benchmark, trained_run, arm):
         "voxels_per_s": voxels / seconds,
         "peak_memory_mb": tracked.peak(),
         "memory_measure": tracked.how,
+        "other_load_cores": tracked.other_load(),
         "rmse": summary["rmse_mean"],
         "psnr": summary["psnr_mean"],
         "ssim": summary["ssim_mean"],

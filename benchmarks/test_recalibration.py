@@ -99,6 +99,7 @@ def test_isotonic_streamed_fit(benchmark, voxels):
         "voxels_per_s": voxels / float(np.median(timings["fit"])),
         "peak_memory_mb": tracked.peak(),
         "memory_measure": tracked.how,
+        "other_load_cores": tracked.other_load(),
         "bins": calibrator.bins,
     }
     agreement(voxels, info)
@@ -122,6 +123,7 @@ def test_isotonic_exact_sort_fit(benchmark, voxels):
         "voxels_per_s": voxels / median_seconds(benchmark),
         "peak_memory_mb": tracked.peak(),
         "memory_measure": tracked.how + " (the inputs, 12 bytes a voxel, are allocated before)",
+        "other_load_cores": tracked.other_load(),
         "knots": int(exact.X_thresholds_.size),
     }
     agreement(voxels, info)

@@ -7,7 +7,7 @@ peak measured in the same run), how much memory, and how far its mean and
 std maps are from a float32 reference that used the very same dropout masks.
 
 ``pytest --benchmark-only -m quick`` runs the 256x256, T=20 comparison only.
-Set ``UQSYNTH_BENCH_SLICES`` (default 4), ``UQSYNTH_BENCH_ROUNDS`` (timed
+Set ``UQSYNTH_BENCH_SLICES`` (default 4 on the CPU, 32 on CUDA), ``UQSYNTH_BENCH_ROUNDS`` (timed
 rounds after one warm-up; default 3 on the CPU, 10 on CUDA) and
 ``UQSYNTH_BENCH_FAST`` (engine_fast's options) to change the set-up.
 """
@@ -57,7 +57,9 @@ def _cases():
 
 
 DEVICE = bench_device()
-SLICES = env_int("UQSYNTH_BENCH_SLICES", 4)
+# A few slices per batch on the CPU; on a GPU enough for the batched strategies to fill it
+# (batch_repeat then holds 32 x T full activations at once: about 16 GB at T=20 in float32).
+SLICES = env_int("UQSYNTH_BENCH_SLICES", 32 if DEVICE.type == "cuda" else 4)
 ROUNDS = env_int("UQSYNTH_BENCH_ROUNDS", 10 if DEVICE.type == "cuda" else 3)
 
 
@@ -132,6 +134,7 @@ def test_sampling_throughput(benchmark, size, samples, strategy):
         "executed_fraction_of_peak": executed * rate / 1e12 / peak,
         "peak_memory_mb": tracked.peak(skip=1),
         "memory_measure": tracked.how,
+        "other_load_cores": tracked.other_load(skip=1),
     }
     if strategy != "naive_loop":
         if sampler is None:  # batch_repeat: one pass over all slices and samples, the reference itself
