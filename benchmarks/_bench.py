@@ -18,6 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from uqsynth.layers import MCDropout, sampling
+from uqsynth.models.base import Generator
+from uqsynth.models.timm_unet import TimmUnetGenerator
 from uqsynth.models.unet import UnetGenerator
 from uqsynth.posterior import PosteriorSampler, SamplerOptions
 
@@ -225,8 +227,12 @@ def count_flops(fn: Callable, *args) -> int:
 # --------------------------------------------------------------------------- the model and the inputs
 
 
-def paper_generator(image_size: int, device: torch.device) -> UnetGenerator:
-    """The paper's generator with seeded weights and BatchNorm statistics of a working network.
+def paper_generator(image_size: int, device: torch.device, backbone: str = "unet") -> Generator:
+    """The paper's generator (or ``timm_unet`` on a timm encoder) with seeded weights and trained-like BatchNorm statistics.
+
+    ``backbone`` is ``"unet"`` (pix2pix's U-Net, ngf 64) or a timm encoder
+    name such as ``"resnet34"`` (``timm_unet`` with timm's random init); both
+    carry MC dropout p = 0.5 at decoder positions 2-4.
 
     pix2pix's initialization (N(0, 0.02) weights) with BatchNorm's default
     running statistics (mean 0, variance 1) would shrink the activations
@@ -237,9 +243,13 @@ def paper_generator(image_size: int, device: torch.device) -> UnetGenerator:
     cumulative-average pass in train mode, sampling off), as after training.
     """
     torch.manual_seed(WEIGHT_SEED)
-    generator = UnetGenerator(
-        image_size=image_size, ngf=NGF, stochastic_layer=lambda: MCDropout(p=DROPOUT_P), positions=POSITIONS
-    )
+    layer = lambda: MCDropout(p=DROPOUT_P)  # noqa: E731
+    if backbone == "unet":
+        generator = UnetGenerator(image_size=image_size, ngf=NGF, stochastic_layer=layer, positions=POSITIONS)
+    else:
+        generator = TimmUnetGenerator(
+            encoder=backbone, image_size=image_size, stochastic_layer=layer, positions=POSITIONS
+        )
     norms = [m for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for norm in norms:
         norm.reset_running_stats()
@@ -265,11 +275,12 @@ def slices(n: int, image_size: int, *, seed: int = INPUT_SEED, device: str | tor
 
 
 @contextlib.contextmanager
-def pix2pix_computation(generator: UnetGenerator) -> Iterator[None]:
+def pix2pix_computation(generator: Generator) -> Iterator[None]:
     """Make ``generator`` compute each decoder step as pix2pix does (concatenate, then one convolution).
 
     The baselines stand for the usual ways, so they must not profit from the
     engine's split of the skip convolutions (see ``uqsynth.models.unet``).
+    Other generators have no such split and ignore the switch.
     """
     had = "caches_skip_parts" in vars(generator)
     generator.caches_skip_parts = lambda: False
@@ -290,14 +301,14 @@ def _mc_state(generator: torch.nn.Module, device: torch.device, seed: int) -> It
         yield
 
 
-def naive_loop(generator: UnetGenerator, x: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_loop(generator: Generator, x: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """T full forward passes one after another (pix2pix-style test code), then mean and std of the stack."""
     with _mc_state(generator, x.device, seed), pix2pix_computation(generator):
         draws = torch.stack([generator(x) for _ in range(samples)], dim=1)
     return draws.mean(1).float().cpu(), draws.std(1).float().cpu()
 
 
-def batch_repeat(generator: UnetGenerator, x: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_repeat(generator: Generator, x: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The input repeated T times in one batch through the full network (common MC-dropout wrappers)."""
     n = x.shape[0]
     with _mc_state(generator, x.device, seed), pix2pix_computation(generator):
@@ -313,7 +324,7 @@ def engine(sampler: PosteriorSampler, x: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def masked_reference(
-    generator: UnetGenerator, x: torch.Tensor, samples: int, seed: int, slice_samples_per_pass: int
+    generator: Generator, x: torch.Tensor, samples: int, seed: int, slice_samples_per_pass: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the engine's draws should be: the float32 full network with the engine's dropout masks.
 
@@ -366,7 +377,7 @@ def fast_options(device: torch.device) -> dict:
     return {"precision": "bf16", "channels_last": False, "compile": True}
 
 
-def make_sampler(generator: UnetGenerator, device: torch.device, samples: int, **options) -> PosteriorSampler:
+def make_sampler(generator: Generator, device: torch.device, samples: int, **options) -> PosteriorSampler:
     """A sampler on a private copy of ``generator`` (channels_last converts a module in place)."""
     if options.get("channels_last"):
         generator = copy.deepcopy(generator)

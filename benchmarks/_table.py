@@ -20,15 +20,15 @@ def fmt(value, spec: str = ".3g") -> str:
 
 def sampling_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| size | T | strategy | options | s / batch | slice-samples/s | vs naive | vs batch_repeat "
+        "| generator | size | T | strategy | options | s / batch | slice-samples/s | vs naive | vs batch_repeat "
         "| TFLOP/s (full-net) | executed TFLOP/s | peak TFLOP/s | executed / peak | peak MB | mean rel err | std rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in rows:
         o = e["options"]
         options = "+".join([o["precision"]] + [k for k in ("channels_last", "compile") if o[k]])
         lines.append(
-            f"| {e['image_size']} | {e['samples']} | {e['strategy']} | {options} | {e['seconds']:.2f} "
+            f"| {e.get('generator', 'unet')} | {e['image_size']} | {e['samples']} | {e['strategy']} | {options} | {e['seconds']:.2f} "
             f"| {e['slice_samples_per_s']:.1f} | {fmt(e.get('speedup_vs_naive_loop'), '.2f')} "
             f"| {fmt(e.get('speedup_vs_batch_repeat'), '.2f')} | {e['achieved_tflops']:.3f} | {e['executed_tflops']:.3f} "
             f"| {e['peak_tflops']:.3f} | {e['executed_fraction_of_peak']:.2f} | {e['peak_memory_mb']:.0f} "

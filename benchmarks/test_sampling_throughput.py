@@ -7,6 +7,10 @@ peak measured in the same run), how much memory, and how far its mean and
 std maps are from a float32 reference that used the very same dropout masks.
 
 ``pytest --benchmark-only -m quick`` runs the 256x256, T=20 comparison only.
+The backbone is a parameter: the paper's pix2pix U-Net (``unet``) and
+``timm_unet`` on a timm encoder (``UQSYNTH_BENCH_TIMM``, default resnet34),
+whose cases carry the marker ``timm``: ``pytest --benchmark-only -m timm -k
+256px-T20`` runs the timm comparison at the quick set-up.
 Set ``UQSYNTH_BENCH_SLICES`` (default 4 on the CPU, 32 on CUDA), ``UQSYNTH_BENCH_ROUNDS`` (timed
 rounds after one warm-up; default 3 on the CPU, 10 on CUDA) and
 ``UQSYNTH_BENCH_FAST`` (engine_fast's options) to change the set-up.
@@ -15,6 +19,7 @@ rounds after one warm-up; default 3 on the CPU, 10 on CUDA) and
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -46,14 +51,21 @@ STRATEGIES = ("naive_loop", "batch_repeat", "engine", "engine_fast")
 SIZES = (256, 64)  # the paper's slices, and a small size for quick looks
 SAMPLES = (10, 20, 50)
 QUICK = (256, 20)
+TIMM_ENCODER = os.environ.get("UQSYNTH_BENCH_TIMM") or "resnet34"
+BACKBONES = ("unet", TIMM_ENCODER)
 
 
 def _cases():
-    for size in SIZES:
-        for samples in SAMPLES:
-            marks = [pytest.mark.quick] if (size, samples) == QUICK else []
-            for strategy in STRATEGIES:
-                yield pytest.param(size, samples, strategy, marks=marks, id=f"{size}px-T{samples}-{strategy}")
+    for backbone in BACKBONES:
+        timm = backbone != "unet"
+        name = f"timm_{backbone}" if timm else backbone
+        for size in SIZES:
+            for samples in SAMPLES:
+                marks = [pytest.mark.timm] if timm else [pytest.mark.quick] if (size, samples) == QUICK else []
+                for strategy in STRATEGIES:
+                    yield pytest.param(
+                        backbone, size, samples, strategy, marks=marks, id=f"{name}-{size}px-T{samples}-{strategy}"
+                    )
 
 
 DEVICE = bench_device()
@@ -64,8 +76,8 @@ ROUNDS = env_int("UQSYNTH_BENCH_ROUNDS", 10 if DEVICE.type == "cuda" else 3)
 
 
 @functools.cache
-def generator_for(size: int):
-    return paper_generator(size, DEVICE)
+def generator_for(backbone: str, size: int):
+    return paper_generator(size, DEVICE, backbone)
 
 
 @functools.cache
@@ -74,25 +86,26 @@ def inputs_for(size: int) -> torch.Tensor:
 
 
 @functools.cache
-def full_flops(size: int) -> int:
+def full_flops(backbone: str, size: int) -> int:
     """FLOPs of one full forward pass of one slice (pix2pix's computation), the common unit."""
-    generator = generator_for(size)
+    generator = generator_for(backbone, size)
     with pix2pix_computation(generator):
         return count_flops(generator, inputs_for(size)[:1])
 
 
 @functools.cache
-def reference(size: int, samples: int, slice_samples_per_pass: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return masked_reference(generator_for(size), inputs_for(size), samples, SAMPLING_SEED, slice_samples_per_pass)
+def reference(backbone: str, size: int, samples: int, slice_samples_per_pass: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = generator_for(backbone, size)
+    return masked_reference(generator, inputs_for(size), samples, SAMPLING_SEED, slice_samples_per_pass)
 
 
 #: Results of this session, for speed-ups and for the comparison with naive_loop's maps.
-SEEN: dict[tuple[int, int, str], dict] = {}
+SEEN: dict[tuple[str, int, int, str], dict] = {}
 
 
-@pytest.mark.parametrize("size, samples, strategy", list(_cases()))
-def test_sampling_throughput(benchmark, size, samples, strategy):
-    generator, x = generator_for(size), inputs_for(size)
+@pytest.mark.parametrize("backbone, size, samples, strategy", list(_cases()))
+def test_sampling_throughput(benchmark, backbone, size, samples, strategy):
+    generator, x = generator_for(backbone, size), inputs_for(size)
     options = {"precision": "fp32", "channels_last": False, "compile": False}
     sampler = None
     if strategy == "naive_loop":
@@ -105,18 +118,20 @@ def test_sampling_throughput(benchmark, size, samples, strategy):
         sampler = make_sampler(generator, DEVICE, samples, **options)
         run = functools.partial(engine, sampler, x)
 
-    benchmark.group = f"sampling {size}x{size}, T={samples}, {SLICES} slices"
+    generator_name = "unet" if backbone == "unet" else f"timm_unet({backbone})"
+    benchmark.group = f"sampling {generator_name} {size}x{size}, T={samples}, {SLICES} slices"
     tracked = Tracked(run, DEVICE)
     mean, std = benchmark.pedantic(tracked, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
     seconds = median_seconds(benchmark)
     dtype = PRECISION_DTYPES[options["precision"]]
     rate = SLICES * samples / seconds
-    flops = full_flops(size)
+    flops = full_flops(backbone, size)
     executed = flops if sampler is None else executed_flops_per_sample(sampler, x, samples)
     peak = peak_tflops(DEVICE, dtype)
     info = {
         "strategy": strategy,
+        "generator": generator_name,
         "image_size": size,
         "samples": samples,
         "slices": SLICES,
@@ -142,18 +157,18 @@ def test_sampling_throughput(benchmark, size, samples, strategy):
         else:
             per_pass = sampler.slice_samples_per_pass(x[:1])
             info["slice_samples_per_pass"] = per_pass
-        ref_mean, ref_std = reference(size, samples, per_pass)
+        ref_mean, ref_std = reference(backbone, size, samples, per_pass)
         info["mean_rel_err"] = relative_error(mean, ref_mean)
         info["std_rel_err"] = relative_error(std, ref_std)
         info["reference"] = "float32 full network (pix2pix computation) with the same dropout masks"
-        naive = SEEN.get((size, samples, "naive_loop"))
+        naive = SEEN.get((backbone, size, samples, "naive_loop"))
         if naive is not None:
             # Other masks: Monte Carlo noise of T samples, not arithmetic.
             info["mean_rel_err_vs_naive_loop"] = relative_error(mean, naive["mean"])
             info["std_rel_err_vs_naive_loop"] = relative_error(std, naive["std"])
     for baseline in ("naive_loop", "batch_repeat"):
-        seen = SEEN.get((size, samples, baseline))
+        seen = SEEN.get((backbone, size, samples, baseline))
         if seen is not None and baseline != strategy:
             info[f"speedup_vs_{baseline}"] = rate / seen["rate"]
     benchmark.extra_info.update(info)
-    SEEN[(size, samples, strategy)] = {"rate": rate, "mean": mean, "std": std}
+    SEEN[(backbone, size, samples, strategy)] = {"rate": rate, "mean": mean, "std": std}

@@ -41,6 +41,26 @@ def make_distribution(
     return site
 
 
+#: A smoke run of the shipped configuration, on the phantom whatever lies in data/.
+SMOKE_RUN = (
+    str(Path(__file__).resolve().parents[1] / "plugins" / "bcgan_t1t2.toml"),
+    "--smoke", "--device", "cpu", "--set", "data.source=phantom",
+)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One finished run of :data:`SMOKE_RUN` (arms mc_dropout and concrete_dropout), shared by the session.
+
+    Tests that change anything in it must work on a copy.
+    """
+    from uqsynth.cli import main
+
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["run", *SMOKE_RUN, "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture
 def site_dir(tmp_path, monkeypatch):
     """A fresh site directory on ``sys.path`` with plugin autoload switched on."""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import save_file
 from scipy.optimize import minimize_scalar
 from scipy.special import ndtr
@@ -16,6 +17,7 @@ from uqsynth.calibration.io import load_calibrator, save_calibrator
 from uqsynth.calibration.isotonic import IsotonicCalibrator
 from uqsynth.calibration.sigma_scaling import SigmaScaling
 from uqsynth.errors import DataError
+from uqsynth.model_files import checksum_path, sha256_of
 from uqsynth.plugins import get_host
 from uqsynth.testing.calibrator_contract import CALIBRATOR_CHECKS, parametrize_with_checks
 
@@ -225,17 +227,36 @@ def _io_error(path, **kwargs) -> str:
     return message
 
 
+def with_checksum(path):
+    """Record ``path``'s checksum as uqsynth does, so the checks after it are reached."""
+    checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+
+
 def test_unusable_calibrator_files_give_one_line_errors_naming_the_file(tmp_path):
     fitted = IsotonicCalibrator(bins=100).fit(*predictions(1000, std_ratio=1.0, seed=11))
     assert "does not exist" in _io_error(tmp_path / "missing.safetensors")
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 definitely not a safetensors header")
+    assert "has no checksum file garbage.safetensors.sha256 beside it" in _io_error(garbage)
+    with_checksum(garbage)
     assert "not a safetensors file" in _io_error(garbage)
 
     bare = tmp_path / "bare.safetensors"
     save_file({"counts_": np.zeros(3)}, str(bare))
+    with_checksum(bare)
     assert "no uqsynth calibrator metadata" in _io_error(bare)
+
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({"counts_": torch.zeros(3)}, pickled)
+    assert "holds pickled Python objects" in _io_error(pickled)
+
+    tampered = tmp_path / "tampered.safetensors"
+    save_calibrator(fitted, tampered, name="isotonic", arm="mc")
+    data = bytearray(tampered.read_bytes())
+    data[-1] ^= 1
+    tampered.write_bytes(bytes(data))
+    assert "does not match its checksum" in _io_error(tampered)
 
     unknown = tmp_path / "unknown.safetensors"
     save_calibrator(fitted, unknown, name="isotonik", arm="mc")

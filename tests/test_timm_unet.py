@@ -232,14 +232,13 @@ def test_pretrained_without_a_path_says_nothing_is_downloaded():
         build(pretrained=True)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 @pytest.mark.parametrize("encoder", ENCODERS)
-def test_local_rgb_checkpoint_loads_as_timm_would_load_it(encoder, suffix, tmp_path):
+def test_local_rgb_checkpoint_loads_as_timm_would_load_it(encoder, tmp_path):
     torch.manual_seed(3)
     rgb = timm.create_model(encoder, pretrained=False)  # the full classifier, 3 input channels
-    path = tmp_path / f"{encoder}{suffix}"
+    path = tmp_path / f"{encoder}.safetensors"
     state = {k: v.contiguous() for k, v in rgb.state_dict().items()}
-    save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+    save_file(state, str(path))
     model = build(encoder, pretrained=True, pretrained_path=str(path))
     ours = model.encoder.state_dict()
     first = model.encoder.pretrained_cfg["first_conv"] + ".weight"
@@ -271,9 +270,16 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
         build("resnet34", pretrained_path=str(path))
     with pytest.raises(ValueError, match="is not a file"):
         build(pretrained_path=str(tmp_path / "absent.safetensors"))
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read it as a checkpoint"):
-        build(pretrained_path=str(tmp_path / "junk.pth"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read it as a safetensors checkpoint"):
+        build(pretrained_path=str(tmp_path / "junk.safetensors"))
+
+
+def test_a_pickled_checkpoint_is_refused_with_the_way_to_convert_it(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save({"state_dict": timm.create_model("resnet34").state_dict()}, path)
+    with pytest.raises(ValueError, match="holds pickled Python objects.*convert it once"):
+        build(pretrained_path=str(path))
 
 
 # --- as a plugin

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a configuration key, value as a TOML literal (repeatable)")
     run.add_argument("--device", help="auto, cpu or cuda[:i] (overrides run.device)")
     run.add_argument("--smoke", action="store_true", help="the same pipeline at a tiny size, to check the wiring")
+    run.add_argument("--force", action="store_true",
+                     help="replace a run of another configuration in --out (default: refuse it)")
     run.set_defaults(func=_cmd_run)
 
     report = commands.add_parser("report", parents=[common], help="rebuild metrics and report from a run's predictions")
@@ -165,7 +167,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from uqsynth.pipeline import run_pipeline
 
     return run_pipeline(
-        args.config, out=args.out, overrides=args.overrides, device=args.device, smoke=args.smoke
+        args.config, out=args.out, overrides=args.overrides, device=args.device, smoke=args.smoke, force=args.force
     )
 
 

@@ -108,13 +108,16 @@ class TrainConfig:
     """``[train]``: optimisation, with the paper's values as defaults."""
 
     epochs: int = field(default=40, metadata={"doc": "Training epochs per arm.", "min": 1})
-    batch_size: int = field(default=16, metadata={"doc": "Slices per step.", "min": 1})
+    batch_size: int = field(default=16, metadata={"doc": "Slices per step (per process under torchrun).", "min": 1})
     lr: float = field(default=2e-4, metadata={"doc": "Adam learning rate (fixed).", "min_exclusive": 0.0})
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999], metadata={"doc": "Adam betas."})
     lambda_l1: float = field(default=100.0, metadata={"doc": "Weight of L1(fake, real).", "min": 0.0})
     lambda_kl: float = field(default=100.0, metadata={"doc": "Weight of the stochastic layers' KL terms.", "min": 0.0})
     precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"doc": "Mixed precision for training."})
     max_steps_per_epoch: int = field(default=0, metadata={"doc": "Cap on steps per epoch; 0 means all.", "min": 0})
+    sync_batchnorm: bool = field(
+        default=False, metadata={"doc": "Under torchrun on GPUs: BatchNorm statistics over all processes (SyncBatchNorm)."}
+    )
 
 
 @dataclass

@@ -23,6 +23,9 @@ class DataError(UserError):
     """Input images are unreadable, inconsistent or unusable."""
 
 
+class OutputError(UserError):
+    """An output file cannot be written: the disk is full, the folder is read-only, ..."""
+
 
 class StageNotImplemented(Exception):
     """A pipeline stage this version of uqsynth does not have yet (exit status 3)."""

@@ -93,6 +93,22 @@ def evaluate_arm(
     return ArmEvaluation(evaluator, evaluator.result(), learned_p, example)
 
 
+def merge_evaluations(parts: list[ArmEvaluation | None], test_ids: list[str]) -> ArmEvaluation:
+    """One arm's evaluation from the parts of several processes (None: a process with no subjects).
+
+    Subjects are reported in ``test_ids`` order; the example figure's
+    volumes come from the part that has them (the first test subject's).
+    """
+    present = [part for part in parts if part is not None]
+    if not present:
+        raise DataError("no test subjects to evaluate")
+    evaluator = present[0].evaluator
+    for index, part in enumerate(present[1:], start=2):
+        evaluator.merge(part.evaluator, order=test_ids if index == len(present) else None)
+    example = next((part.example for part in present if part.example), {})
+    return ArmEvaluation(evaluator, evaluator.result(), present[0].learned_p, example)
+
+
 def arm_summary(evaluation: ArmEvaluation) -> dict:
     """The per-arm block of ``metrics.json``."""
     result = evaluation.result

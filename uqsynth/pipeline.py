@@ -3,8 +3,17 @@
 Stages: train -> sample -> calibrate -> evaluate -> report. Everything that
 can be checked (configuration, plugins, data, split, the networks at the
 configured slice size, an existing run in ``--out``) is checked before the
-run directory is touched, so bad input leaves no output behind. A stage this version does not have says so and stops the
-run with a non-zero status rather than pretending.
+run directory is touched, so bad input leaves no output behind.
+
+Started again with the same command, a run continues where it stopped:
+training from its last completed epoch, sampling and calibration per
+subject and calibrator. A lock (:mod:`uqsynth.run_directory`) keeps a second
+process out of a live run's directory.
+
+Under ``torchrun`` every process runs this same code on its own
+:class:`~uqsynth.distributed.World` rank: training is data-parallel,
+sampling, calibration and evaluation are sharded by subject, and rank 0
+alone prints and writes the shared files.
 """
 
 from __future__ import annotations
@@ -15,7 +24,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +32,15 @@ import torch
 
 import uqsynth
 from uqsynth._files import atomic_write_text
-from uqsynth.config import Config, PluginSpec, config_to_dict, dumps_config, load_config
+from uqsynth.config import Config, PluginSpec, dumps_config, load_config
 from uqsynth.data.base import Dataset
 from uqsynth.data.slices import EvalVolume, TrainSlices
 from uqsynth.data.split import Split, split_subjects
+from uqsynth.distributed import SINGLE, World, all_reduce_calibrator, close_world, init_world
 from uqsynth.errors import ConfigError
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
+from uqsynth.run_directory import RunLock, check_existing_run, clear_run, remove_stale_temporaries
 from uqsynth.training import ArmModels, Trainer, build_arm, dropout_probabilities, seed_everything
 
 
@@ -57,7 +67,9 @@ def describe_plugin(spec: PluginSpec) -> str:
     return f"{spec.name}({params})" if params else spec.name
 
 
-def describe_run(config: Config, host: PluginHost, out: Path, device: torch.device, smoke: bool) -> list[str]:
+def describe_run(
+    config: Config, host: PluginHost, out: Path, device: torch.device, smoke: bool, world: World = SINGLE
+) -> list[str]:
     """The first lines a run prints: which data, which scale and which plugins."""
     data = config.data
     options = describe_plugin(PluginSpec(data.source, data.options.get(data.source, {})))
@@ -69,6 +81,7 @@ def describe_run(config: Config, host: PluginHost, out: Path, device: torch.devi
     model = config.model
     lines = [
         f"uqsynth {uqsynth.__version__}: run '{config.run.name}'{' (smoke)' if smoke else ''} -> {out} on {device}",
+        *([f"distributed: {world.describe()}"] if world.distributed else []),
         f"data: {source}; scale: {scale}",
         f"model: generator {describe_plugin(model.generator)}, discriminator {describe_plugin(model.discriminator)}, "
         f"adversarial loss {describe_plugin(model.adversarial_loss)}",
@@ -86,12 +99,19 @@ class RunContext:
     host: PluginHost
     out_dir: Path
     device: torch.device
+    world: World = SINGLE
     dataset: Dataset | None = None
     split: Split | None = None
+    train_set: TrainSlices | None = None
     models: dict[str, ArmModels] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
     evaluations: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+
+    def say(self, line: str) -> None:
+        """A progress line on stderr, from rank 0 only."""
+        if self.world.is_main:
+            print(line, file=sys.stderr)
 
 
 def _takes_root(host: PluginHost, dataset: str) -> bool:
@@ -111,8 +131,10 @@ def build_dataset(config: Config, host: PluginHost) -> Dataset:
 def prepare(context: RunContext) -> None:
     """Everything that can fail on bad input, before the run directory is touched.
 
-    Builds the dataset and the split, and each arm's networks (checked on a
-    slice of ``data.image_size``); the networks are kept for training.
+    Builds the dataset and the split, reads every subject once (the
+    training slices are kept for training; a broken test volume is refused
+    now, not after training), and each arm's networks (checked on a slice of
+    ``data.image_size``; kept for training).
     """
     config = context.config
     context.dataset = build_dataset(config, context.host)
@@ -124,94 +146,72 @@ def prepare(context: RunContext) -> None:
         test_ids=config.data.test_subjects or None,
         calibration_fraction=config.calibration.held_out_fraction if held_out else 0.0,
     )
-    for arm_name, arm in config.arms.items():
-        seed_everything(config.run.seed)  # every arm starts from the same weights
-        context.models[arm_name] = build_arm(config, arm_name, context.host)
-
-
-def check_existing_run(out_dir: Path, config: Config) -> None:
-    """Refuse an ``--out`` that holds a run of another configuration (more epochs are fine)."""
-    saved = out_dir / "config.toml"
-    if not saved.exists():
-        return
-    try:
-        old = tomllib.loads(saved.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--out {out_dir}: its config.toml is unreadable ({exc}); choose another --out") from None
-    new = config_to_dict(config)
-    for tables in (old, new):
-        tables.get("train", {}).pop("epochs", None)
-        tables.get("run", {}).pop("device", None)
-    difference = _first_difference(old, new)
-    if difference:
-        raise ConfigError(
-            f"--out {out_dir} holds a run with a different configuration ({difference}); "
-            "choose another --out or delete it"
-        )
-
-
-def _first_difference(old: object, new: object, path: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
-            if found:
-                return found
-        return None
-    return None if old == new else f"{path}: {old!r} there, {new!r} now"
-
-
-def stage_train(context: RunContext) -> None:
-    """Train every arm on the training subjects (resuming finished epochs)."""
-    config = context.config
-    split_record = {
-        "train": context.split.train, "test": context.split.test, "calibration": calibration_subjects(context)
-    }
-    atomic_write_text(context.out_dir / "split.json", json.dumps(split_record, indent=2) + "\n")
     started = time.perf_counter()
-    train_set = TrainSlices(
+    context.train_set = TrainSlices(
         context.dataset,
         context.split.train,
         image_size=config.data.image_size,
         load_size=config.data.load_size,
         min_brain_fraction=config.data.min_brain_fraction,
     )
-    print(
-        f"data: {len(context.split.train)} training subjects ({len(train_set)} slices), "
-        f"{len(context.split.test)} test subjects; loaded in {time.perf_counter() - started:.1f} s",
-        file=sys.stderr,
+    for subject_id in sorted({*context.split.test, *context.split.calibration} - set(context.split.train)):
+        context.dataset.load(subject_id)
+    context.say(
+        f"data: {len(context.split.train)} training subjects ({len(context.train_set)} slices), "
+        f"{len(context.split.test)} test subjects; read and checked in {time.perf_counter() - started:.1f} s"
     )
+    for arm_name, arm in config.arms.items():
+        seed_everything(config.run.seed)  # every arm starts from the same weights
+        context.models[arm_name] = build_arm(config, arm_name, context.host)
+
+
+def stage_train(context: RunContext) -> None:
+    """Train every arm on the training subjects (resuming finished epochs)."""
+    config, world = context.config, context.world
+    split_record = {
+        "train": context.split.train, "test": context.split.test, "calibration": calibration_subjects(context)
+    }
+    if world.is_main:
+        atomic_write_text(context.out_dir / "split.json", json.dumps(split_record, indent=2) + "\n")
     for arm_name in config.arms:
         arm_dir = context.out_dir / arm_name
-        if Trainer(config, arm_name, context.models[arm_name], train_set, arm_dir, context.device).fit():
+        trainer = Trainer(
+            config, arm_name, context.models[arm_name], context.train_set, arm_dir, context.device, world=world
+        )
+        if trainer.fit() and world.is_main:
             # The weights changed: samples and calibrators of an earlier, shorter run are stale.
             for stale in ("predictions", "calibrators"):
                 shutil.rmtree(arm_dir / stale, ignore_errors=True)
+        world.barrier()
 
 
 def stage_sample(context: RunContext) -> None:
     """Posterior mean and std of every test subject, per arm, under ``RUN/<arm>/predictions/``.
 
-    Resumable per subject: volumes whose two files exist are not sampled again.
+    Resumable per subject: volumes whose two files exist are not sampled
+    again. Under torchrun each rank samples and writes its share of the subjects.
     """
     from uqsynth.predict import posterior_maps, sampler_options, write_maps
 
-    config = context.config
+    config, world = context.config, context.world
     for arm_name in config.arms:
         out_dir = context.out_dir / arm_name / "predictions"
         out_dir.mkdir(parents=True, exist_ok=True)
         generator = context.models[arm_name].generator
         sampler = PosteriorSampler(generator, sampler_options(config), context.device)
         started, done = time.perf_counter(), 0
-        for subject_id in context.split.test:
+        for subject_id in world.shard(context.split.test):
             if all((out_dir / f"{subject_id}_{name}.nii.gz").exists() for name in ("mean", "std")):
                 continue
             volumes = context.dataset.load(subject_id)
             evaluation = EvalVolume(volumes, image_size=config.data.image_size)
-            maps = posterior_maps(sampler, evaluation, level=0.95, progress=True)
+            maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
             write_maps({name: maps[name] for name in ("mean", "std")}, volumes, out_dir, subject_id)
             done += 1
-        print(f"arm {arm_name}: sampled {done} test subject(s) with T={config.sampling.samples} "
-              f"in {time.perf_counter() - started:.1f} s -> {out_dir}", file=sys.stderr)
+        done = int(world.all_reduce_sum(np.array(done)))
+        processes = f" on {world.size} processes" if world.distributed else ""
+        context.say(f"arm {arm_name}: sampled {done} test subject(s) with T={config.sampling.samples}{processes} "
+                    f"in {time.perf_counter() - started:.1f} s -> {out_dir}")
 
 
 def calibration_subjects(context: RunContext) -> list[str]:
@@ -225,16 +225,23 @@ def stage_calibrate(context: RunContext) -> None:
     """Fit every configured calibrator per arm, streaming voxel batches, one subject at a time.
 
     Saved as ``RUN/<arm>/calibrators/<name>.safetensors`` (no pickled code),
-    bound to the arm; calibrators already saved are not fitted again.
+    bound to the arm; calibrators already saved are not fitted again. Under
+    torchrun each rank summarizes its share of the subjects and the
+    summaries are summed across ranks, which is exact (see
+    :func:`~uqsynth.distributed.all_reduce_calibrator`); calibrators without
+    ``partial_fit`` get every voxel gathered on rank 0.
     """
     from uqsynth.calibration.io import save_calibrator
     from uqsynth.predict import posterior_maps, sampler_options
 
-    config = context.config
+    config, world = context.config, context.world
     subjects = calibration_subjects(context)
     for arm_name in config.arms:
         out_dir = context.out_dir / arm_name / "calibrators"
-        pending = [s for s in config.calibration.calibrators if not (out_dir / f"{s.name}.safetensors").exists()]
+        # Rank 0's view of what is saved decides, so every rank takes part in the same collectives.
+        pending = world.broadcast(
+            [s for s in config.calibration.calibrators if not (out_dir / f"{s.name}.safetensors").exists()]
+        )
         if not pending:
             continue
         calibrators = {spec.name: context.host["calibrator"].create(spec.name, **spec.params) for spec in pending}
@@ -244,9 +251,9 @@ def stage_calibrate(context: RunContext) -> None:
         gathered: dict[str, list[tuple[np.ndarray, ...]]] = {
             name: [] for name, calibrator in calibrators.items() if not hasattr(calibrator, "partial_fit")
         }
-        for subject_id in subjects:
+        for subject_id in world.shard(subjects):
             evaluation = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size)
-            maps = posterior_maps(sampler, evaluation, level=0.95, progress=True)
+            maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
             brain = evaluation.native_mask()
             usable = brain & (maps["std"] > 0)
             degenerate += int(brain.sum() - usable.sum())
@@ -258,42 +265,61 @@ def stage_calibrate(context: RunContext) -> None:
                 else:
                     calibrator.partial_fit(*batch)
             voxels += int(usable.sum())
-        for name, batches in gathered.items():
-            calibrators[name].fit(*(np.concatenate(parts) for parts in zip(*batches)))
-        out_dir.mkdir(parents=True, exist_ok=True)
         for name, calibrator in calibrators.items():
-            save_calibrator(calibrator, out_dir / f"{name}.safetensors", name=name, arm=arm_name)
+            if name in gathered:
+                parts = world.gather(gathered[name])
+                if world.is_main:
+                    batches = [batch for part in parts for batch in part]
+                    calibrator.fit(*(np.concatenate(arrays) for arrays in zip(*batches)))
+            else:
+                all_reduce_calibrator(calibrator, world)
+        voxels, degenerate = (int(v) for v in world.all_reduce_sum(np.array([voxels, degenerate])))
+        if world.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name, calibrator in calibrators.items():
+                save_calibrator(calibrator, out_dir / f"{name}.safetensors", name=name, arm=arm_name)
+        world.barrier()
         note = f"; {degenerate} brain voxels with zero predicted std left out" if degenerate else ""
-        print(f"arm {arm_name}: fitted {', '.join(calibrators)} on {voxels} voxels of {len(subjects)} "
-              f"{config.calibration.subjects} subject(s) in {time.perf_counter() - started:.1f} s{note}",
-              file=sys.stderr)
+        context.say(f"arm {arm_name}: fitted {', '.join(calibrators)} on {voxels} voxels of {len(subjects)} "
+                    f"{config.calibration.subjects} subject(s) in {time.perf_counter() - started:.1f} s{note}")
 
 
 def stage_evaluate(context: RunContext) -> None:
-    """Every metric of every arm from the saved predictions: ``metrics.json`` and ``metrics.csv``."""
-    from uqsynth.evaluation import evaluate_arm, metrics_document, metrics_rows, write_metrics
+    """Every metric of every arm from the saved predictions: ``metrics.json`` and ``metrics.csv``.
 
+    Under torchrun each rank evaluates its share of the test subjects and
+    rank 0 merges the parts (per-subject numbers as they are, cohort sums
+    added) and writes the files.
+    """
+    from uqsynth.evaluation import evaluate_arm, merge_evaluations, metrics_document, metrics_rows, write_metrics
+
+    world = context.world
     started = time.perf_counter()
     for arm_name in context.config.arms:
         learned_p = dropout_probabilities(context.models[arm_name].generator)
-        context.evaluations[arm_name] = evaluate_arm(
-            context.config, context.dataset, context.split.test, context.out_dir / arm_name, learned_p
-        )
+        shard = world.shard(context.split.test)
+        part = evaluate_arm(context.config, context.dataset, shard, context.out_dir / arm_name, learned_p) if shard else None
+        parts = world.gather(part)
+        if world.is_main:
+            context.evaluations[arm_name] = merge_evaluations(parts, context.split.test)
+    if not world.is_main:
+        return
     timing = {**context.timing, "evaluate": time.perf_counter() - started}
     context.metrics = metrics_document(context.evaluations, timing)
     write_metrics(context.out_dir, context.metrics, metrics_rows(context.evaluations))
     for name, arm in context.metrics["arms"].items():
         after = ", ".join(f"{c} {v:.4f}" for c, v in arm["calibration_rms_after"].items())
-        print(f"arm {name}: RMSE {arm['rmse_mean']:.2f}, calibration RMS {arm['calibration_rms_before']:.4f} "
-              f"before, after {after}", file=sys.stderr)
+        context.say(f"arm {name}: RMSE {arm['rmse_mean']:.2f}, calibration RMS {arm['calibration_rms_before']:.4f} "
+                    f"before, after {after}")
 
 
 def stage_report(context: RunContext) -> None:
-    """The paper's figures and ``report.html``."""
+    """The paper's figures and ``report.html`` (rank 0)."""
     from uqsynth.report import build_report
 
-    page = build_report(context.out_dir, context.evaluations, context.metrics)
-    print(f"report: {page}", file=sys.stderr)
+    if context.world.is_main:
+        page = build_report(context.out_dir, context.evaluations, context.metrics)
+        context.say(f"report: {page}")
 
 
 STAGES: tuple[tuple[str, Callable[..., None]], ...] = (
@@ -312,29 +338,58 @@ def run_pipeline(
     overrides: Sequence[str] = (),
     device: str | None = None,
     smoke: bool = False,
+    force: bool = False,
 ) -> int:
-    """Validate ``config_path`` (with overrides), prepare ``out``, and run every stage."""
+    """Validate ``config_path`` (with overrides), prepare ``out``, and run every stage.
+
+    ``force`` replaces a run of another configuration in ``out`` instead of refusing it.
+    """
     host = get_host()
     config = load_config(config_path, overrides=overrides, smoke=smoke, host=host)
     if device is not None:
         config.run.device = device
-    torch_device = resolve_device(config.run.device)
-    out_dir = Path(out) if out is not None else Path("runs") / (config.run.name + ("-smoke" if smoke else ""))
-    for line in [*config.notes, *describe_run(config, host, out_dir, torch_device, smoke)]:
-        print(line, file=sys.stderr)
-    context = RunContext(config, host, out_dir, torch_device)
-    prepare(context)
-    check_existing_run(out_dir, config)
+    world = init_world(resolve_device(config.run.device))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {out_dir}: cannot create the run directory: {exc.strerror or exc}") from None
-    atomic_write_text(out_dir / "config.toml", dumps_config(config))
-    for name, stage in STAGES:
-        started = time.perf_counter()
-        stage(context)
-        context.timing[name] = time.perf_counter() - started
-        atomic_write_text(out_dir / "timing.json", json.dumps(context.timing, indent=2) + "\n")
+        return _run_stages(config, host, world, out, smoke=smoke, force=force)
+    finally:
+        close_world(world)
+
+
+def _run_stages(
+    config: Config, host: PluginHost, world: World, out: str | Path | None, *, smoke: bool, force: bool
+) -> int:
+    out_dir = Path(out) if out is not None else Path("runs") / (config.run.name + ("-smoke" if smoke else ""))
+    context = RunContext(config, host, out_dir, world.device, world)
+    for line in [*config.notes, *describe_run(config, host, out_dir, world.device, smoke, world)]:
+        context.say(line)
+    prepare(context)
+    replace = check_existing_run(out_dir, config, force=force)
+    lock = None
+    if world.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out {out_dir}: cannot create the run directory: {exc.strerror or exc}") from None
+        lock = RunLock(out_dir)
+    try:
+        if world.is_main:
+            # Checked again under the lock: another run may have written here since.
+            if check_existing_run(out_dir, config, force=force) or replace:
+                removed = clear_run(out_dir)
+                context.say(f"--force: replaced the run of another configuration in {out_dir} ({len(removed)} entries)")
+            if remove_stale_temporaries(out_dir):
+                context.say(f"removed the temporary files of writes an earlier, killed run left in {out_dir}")
+            atomic_write_text(out_dir / "config.toml", dumps_config(config))
+        world.barrier()
+        for name, stage in STAGES:
+            started = time.perf_counter()
+            stage(context)
+            context.timing[name] = time.perf_counter() - started
+            if world.is_main:
+                atomic_write_text(out_dir / "timing.json", json.dumps(context.timing, indent=2) + "\n")
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from uqsynth.calibration.base import Calibrator
@@ -34,6 +32,7 @@ from uqsynth.data.brats import find_source_only
 from uqsynth.data.nifti import is_nifti, load_volume, save_like
 from uqsynth.data.slices import ROBUST_PERCENTILE, EvalVolume
 from uqsynth.errors import ConfigError, DataError
+from uqsynth.model_files import load_tensors
 from uqsynth.models.base import Generator
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler, SamplerOptions, gaussian_interval
@@ -67,10 +66,7 @@ def load_arm(model_dir: str | Path, host: PluginHost | None = None) -> TrainedAr
     if model_dir.name not in config.arms:
         raise ConfigError(f"--model {model_dir}: {config_path} has no arm named {model_dir.name!r}")
     generator = build_generator(config, config.arms[model_dir.name], host)
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as exc:
-        raise DataError(f"--model {model_dir}: cannot read {weights}: {exc}") from None
+    state, _ = load_tensors(weights, what=f"--model {model_dir}: generator weights")
     try:
         generator.load_state_dict(state)
     except RuntimeError as exc:

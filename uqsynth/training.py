@@ -7,9 +7,10 @@ plus ``lambda_l1 * L1`` plus ``lambda_kl * sum of the stochastic layers'
 regularizers``.
 
 Checkpoints are written atomically after every epoch and hold everything
-needed to continue exactly (weights, optimizer states, RNG states), loaded
-with ``torch.load(weights_only=True)`` so no code is ever unpickled. The
-final generator is also saved as safetensors for sampling and sharing.
+needed to continue exactly (weights, optimizer states, every process's RNG
+states), as safetensors with a checksum beside them
+(:mod:`uqsynth.model_files`), so loading one never unpickles code. The
+final generator is also saved on its own for sampling and sharing.
 """
 
 from __future__ import annotations
@@ -26,20 +27,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from uqsynth._files import atomic_path, atomic_write_text
+from uqsynth._files import atomic_write_text
 from uqsynth.config import ArmConfig, Config
+from uqsynth.distributed import SINGLE, World
 from uqsynth.errors import ConfigError
 from uqsynth.layers.base import sampling, stochastic_layers, total_regularizer
 from uqsynth.losses import AdversarialLoss, discriminator_objective, generator_objective
+from uqsynth.model_files import load_state, save_state, save_tensors
 from uqsynth.models.base import Discriminator, Generator
 from uqsynth.plugins import PluginHost
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle-based, written before 0.2; never loaded
 GENERATOR_WEIGHTS = "generator.safetensors"
 TRAIN_LOG = "train_log.csv"
 
@@ -139,34 +143,58 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This process's python, numpy and torch random states, as tensors and scalars (storable without pickle)."""
+    version, python_state, gauss = random.getstate()
+    _, numpy_keys, numpy_pos, has_gauss, cached_gauss = np.random.get_state()
     return {
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "python_version": version,
+        "python_gauss": gauss,
+        "numpy": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "numpy_pos": int(numpy_pos),
+        "numpy_gauss": [int(has_gauss), float(cached_gauss)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    has_gauss, cached_gauss = state["numpy_gauss"]
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, cached_gauss)
+    )
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; rank 0 uses ``seed`` itself, other ranks a stream derived from both.
+
+    Ranks need different random crops and dropout masks; their weights start
+    equal regardless (DistributedDataParallel copies rank 0's).
+    """
+    if rank:
+        seed = int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] % 2**63)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 class Trainer:
-    """Trains one arm, epoch by epoch, resuming from its checkpoint when present."""
+    """Trains one arm, epoch by epoch, resuming from its checkpoint when present.
+
+    With several processes (``world``), both networks are wrapped in
+    ``DistributedDataParallel``: every process trains on its own share of
+    each epoch's slices (a ``DistributedSampler`` seeded by the run seed and
+    the epoch) with ``train.batch_size`` slices per step, so the effective
+    batch is ``batch_size x world.size``; gradients are averaged across
+    processes and the learning rate is used as configured. Rank 0 writes
+    the log, the checkpoint (with every rank's random state) and the weights.
+    """
 
     def __init__(
         self,
@@ -177,6 +205,7 @@ class Trainer:
         out_dir: Path,
         device: torch.device,
         log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+        world: World = SINGLE,
     ) -> None:
         self.config = config
         self.arm_name = arm_name
@@ -185,16 +214,31 @@ class Trainer:
         self.train_set = train_set
         self.out_dir = out_dir
         self.device = device
-        self.log = log
+        self.world = world
+        self.log = log if world.is_main else lambda line: None
         train = config.train
         self.lambda_kl = train.lambda_kl if self.arm.lambda_kl is None else self.arm.lambda_kl
         betas = tuple(train.betas)
         self.generator = models.generator.to(device)
         self.discriminator = models.discriminator.to(device)
+        if world.distributed and train.sync_batchnorm:
+            # Converts the BatchNorm children in place (the roots are not BatchNorm layers).
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.generator)
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.discriminator)
+        # What the training step calls: the networks themselves, or their DDP wrappers, which
+        # average gradients across processes. Everything else uses the networks directly.
+        self.train_generator: nn.Module = self._parallel(self.generator)
+        self.train_discriminator: nn.Module = self._parallel(self.discriminator)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=train.lr, betas=betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=train.lr, betas=betas)
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         self.epoch = 0
+
+    def _parallel(self, network: nn.Module) -> nn.Module:
+        if not self.world.distributed:
+            return network
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(network, device_ids=device_ids)
 
     # ------------------------------------------------------------------ steps
 
@@ -204,15 +248,15 @@ class Trainer:
         real = batch["target"].to(self.device, non_blocking=True)
         precision = self.config.train.precision
         with _autocast(self.device, precision), sampling(self.generator):
-            fake = self.generator(source)
+            fake = self.train_generator(source)
 
         set_requires_grad(self.discriminator, True)
         self.optimizer_d.zero_grad(set_to_none=True)
         with _autocast(self.device, precision):
             loss_d = discriminator_objective(
                 self.models.adversarial_loss,
-                self.discriminator(source, real),
-                self.discriminator(source, fake.detach()),
+                self.train_discriminator(source, real),
+                self.train_discriminator(source, fake.detach()),
             )
         self.scaler.scale(loss_d).backward()
         self.scaler.step(self.optimizer_d)
@@ -220,6 +264,8 @@ class Trainer:
         set_requires_grad(self.discriminator, False)
         self.optimizer_g.zero_grad(set_to_none=True)
         with _autocast(self.device, precision):
+            # The frozen D is called unwrapped: its parameters get no gradient here, which
+            # DDP's wrapper would otherwise wait for. (Its buffers are synchronized by the wrapper.)
             adversarial = self.models.adversarial_loss.generator_loss(self.discriminator(source, fake))
             terms = generator_objective(
                 adversarial, fake.float(), real, total_regularizer(self.generator),
@@ -233,20 +279,33 @@ class Trainer:
         return losses
 
     def batches(self, epoch: int) -> Iterator[dict]:
-        """The epoch's batches, in an order fixed by the run seed and the epoch."""
-        order = torch.Generator().manual_seed(self.config.run.seed * 1000 + epoch)
-        loader = DataLoader(
-            self.train_set, batch_size=self.config.train.batch_size, shuffle=True, generator=order,
-            num_workers=0, pin_memory=self.device.type == "cuda",
-        )
+        """The epoch's batches (this rank's share), in an order fixed by the run seed and the epoch."""
+        pin = self.device.type == "cuda"
+        batch_size = self.config.train.batch_size
+        if self.world.distributed:
+            sampler = DistributedSampler(
+                self.train_set, num_replicas=self.world.size, rank=self.world.rank, shuffle=True,
+                seed=self.config.run.seed,
+            )
+            sampler.set_epoch(epoch)
+            loader = DataLoader(self.train_set, batch_size=batch_size, sampler=sampler, num_workers=0, pin_memory=pin)
+        else:
+            order = torch.Generator().manual_seed(self.config.run.seed * 1000 + epoch)
+            loader = DataLoader(
+                self.train_set, batch_size=batch_size, shuffle=True, generator=order, num_workers=0, pin_memory=pin
+            )
         for index, batch in enumerate(loader):
             if index >= self.steps_per_epoch():
                 return
             yield batch
 
     def steps_per_epoch(self) -> int:
-        """Every batch of the training set, or ``train.max_steps_per_epoch`` when smaller."""
-        batches = -(-len(self.train_set) // self.config.train.batch_size)
+        """Every batch of this rank's share of the training set, or ``train.max_steps_per_epoch`` when smaller.
+
+        The distributed sampler pads the shares to equal length, so every rank takes the same number of steps.
+        """
+        share = -(-len(self.train_set) // self.world.size)
+        batches = -(-share // self.config.train.batch_size)
         cap = self.config.train.max_steps_per_epoch
         return min(batches, cap) if cap else batches
 
@@ -264,13 +323,22 @@ class Trainer:
         if self.load_checkpoint():
             if self.epoch >= epochs:
                 self.log(f"arm {self.arm_name}: already trained ({self.epoch} epochs), skipping")
-                if not (self.out_dir / GENERATOR_WEIGHTS).exists():  # killed between checkpoint and export
-                    self.save_generator()
+                if self.world.is_main and not (self.out_dir / GENERATOR_WEIGHTS).exists():
+                    self.save_generator()  # killed between the checkpoint and the export
                 return 0
             self.log(f"arm {self.arm_name}: resuming after epoch {self.epoch} of {epochs}")
         else:
             # A fresh arm's crops and masks must not depend on what ran before it in this process.
-            seed_everything(self.config.run.seed)
+            seed_everything(self.config.run.seed, self.world.rank)
+        if self.world.distributed:
+            batch = self.config.train.batch_size
+            self.log(
+                f"arm {self.arm_name}: DistributedDataParallel over {self.world.size} processes "
+                f"({self.world.backend}{', SyncBatchNorm' if self.config.train.sync_batchnorm else ''}); "
+                f"batch {batch} per process, effective batch {batch * self.world.size}; learning rate "
+                f"{self.config.train.lr:g} as configured (not scaled with the effective batch); "
+                f"{self.steps_per_epoch()} steps per epoch"
+            )
         self.generator.train()
         self.discriminator.train()
         steps = self.steps_per_epoch()
@@ -279,7 +347,8 @@ class Trainer:
             started = time.perf_counter()
             totals: dict[str, float] = {}
             bar = tqdm(self.batches(epoch), total=steps, desc=f"{self.arm_name} {epoch}/{epochs}",
-                       unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
+                       unit="step", leave=False, file=sys.stderr, dynamic_ncols=True,
+                       disable=not self.world.is_main)
             count = 0
             for batch in bar:
                 losses = self.step(batch)
@@ -293,12 +362,15 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in shown.items()})
             bar.close()
             self.epoch = epoch
+            totals = self._summed_over_ranks({**totals, "count": float(count)})
+            count = totals.pop("count")
             row = {"epoch": epoch, **{k: v / max(count, 1) for k, v in totals.items()}}
             for index, p in enumerate(dropout_probabilities(self.generator), start=1):
                 row[f"p_{index}"] = p
             row["seconds"] = time.perf_counter() - started
-            self.append_log(row)
-            self.save_checkpoint()
+            self.save_checkpoint()  # collective: every rank sends its random state
+            if self.world.is_main:
+                self.append_log(row)
             probabilities = dropout_probabilities(self.generator)
             p_text = f", p {' '.join(f'{p:.4f}' for p in probabilities)}" if probabilities else ""
             self.log(
@@ -306,8 +378,16 @@ class Trainer:
                 f"(L1 {row['loss_g_l1']:.4f}, KL {row['loss_g_kl']:.3g}), D {row['loss_d']:.4f}{p_text}, "
                 f"{row['seconds']:.1f} s"
             )
-        self.save_generator()
+        if self.world.is_main:
+            self.save_generator()
+        self.world.barrier()
         return epochs - first + 1
+
+    def _summed_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        """Per-epoch loss sums added over all processes (the same keys on every rank), for the log."""
+        keys = sorted(values)
+        summed = self.world.all_reduce_sum(np.array([values[k] for k in keys], dtype=np.float64))
+        return dict(zip(keys, summed.tolist()))
 
     # ------------------------------------------------------------------ files
 
@@ -327,34 +407,56 @@ class Trainer:
         atomic_write_text(path, buffer.getvalue())
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint, with the random state of every rank (a collective call)."""
+        rng = self.world.gather(rng_state())
+        if not self.world.is_main:
+            return
         state = {
             "epoch": self.epoch,
+            "world_size": self.world.size,
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "optimizer_g": self.optimizer_g.state_dict(),
             "optimizer_d": self.optimizer_d.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng,
         }
-        with atomic_path(self.out_dir / CHECKPOINT) as tmp:
-            torch.save(state, tmp)
+        save_state(self.out_dir / CHECKPOINT, state, {"arm": self.arm_name})
 
     def load_checkpoint(self) -> bool:
+        """Continue from the last completed epoch, if a checkpoint exists (every rank reads it).
+
+        Each rank gets back its own random state when the number of
+        processes is the one that wrote the checkpoint; otherwise they are
+        reseeded from the run seed, the rank and the epoch, and the log says
+        that the rest of the run will not repeat an uninterrupted one.
+        """
+        if (self.out_dir / LEGACY_CHECKPOINT).exists():
+            raise ConfigError(
+                f"{self.out_dir / LEGACY_CHECKPOINT}: a pickle-based checkpoint of uqsynth < 0.2, which this "
+                "version does not load (it could run code); start a new --out"
+            )
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = load_state(path, what=f"arm {self.arm_name}: checkpoint", map_location=self.device)
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         self.optimizer_g.load_state_dict(state["optimizer_g"])
         self.optimizer_d.load_state_dict(state["optimizer_d"])
         self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
         self.epoch = int(state["epoch"])
+        if int(state["world_size"]) == self.world.size:
+            set_rng_state(state["rng"][self.world.rank])
+        else:
+            self.log(
+                f"arm {self.arm_name}: checkpoint written by {state['world_size']} process(es), resuming with "
+                f"{self.world.size}: random streams reseeded, so the rest differs from an uninterrupted run"
+            )
+            seed_everything(self.config.run.seed * 1000 + self.epoch, self.world.rank)
         return True
 
     def save_generator(self) -> None:
-        """The trained generator as safetensors (loads without executing code)."""
+        """The trained generator as safetensors with its checksum (loads without executing code)."""
         weights = {k: v.detach().cpu().contiguous() for k, v in self.generator.state_dict().items()}
-        with atomic_path(self.out_dir / GENERATOR_WEIGHTS) as tmp:
-            save_file(weights, str(tmp), metadata={"arm": self.arm_name, "epochs": str(self.epoch)})
+        save_tensors(self.out_dir / GENERATOR_WEIGHTS, weights, {"arm": self.arm_name, "epochs": str(self.epoch)})

@@ -53,6 +53,8 @@ class Calibrator(BaseEstimator):
         if not 0.0 < level < 1.0:
             raise ValueError(f"level must be in (0, 1), got {level}")
         tail = (1.0 - level) / 2.0
+        if 1.0 - tail == 1.0:  # e.g. the largest float below 1: its upper quantile level rounds to 1
+            raise ValueError(f"level {level!r} is too close to 1: the upper tail {tail:.1e} is below float64 resolution")
         return self.quantile(mean, std, tail), self.quantile(mean, std, 1.0 - tail)
 
     def fitted_state(self) -> dict[str, np.ndarray]:
@@ -174,10 +176,18 @@ class StreamingCalibrator(Calibrator):
         check_is_fitted(self)
         return {name: np.array(getattr(self, name), copy=True) for name in self._summary_names}
 
+    def empty_summary(self) -> dict[str, np.ndarray]:
+        """The summary of no voxels (zeros of the right shapes and dtypes): the neutral element of the sum.
+
+        A process that saw no voxels contributes this to an all-reduce.
+        """
+        empty = self._summarize(np.zeros(0), np.ones(0), np.zeros(0))
+        empty["n_"] = np.asarray(0, dtype=np.int64)
+        return empty
+
     def load_summary(self, summary: dict[str, np.ndarray]) -> StreamingCalibrator:
         """Replace the summary by ``summary`` and refit the correction from it; return ``self``."""
-        expected = self._summarize(np.zeros(0), np.ones(0), np.zeros(0))
-        expected["n_"] = np.asarray(0, dtype=np.int64)
+        expected = self.empty_summary()
         if set(summary) != set(expected):
             raise ValueError(f"summary needs exactly {sorted(expected)}, got {sorted(summary)}")
         for name, value in summary.items():

@@ -5,7 +5,9 @@ as tensors and, in the safetensors metadata, what is needed to rebuild it:
 the registered calibrator name, its parameters (JSON) and the arm it was
 fitted for. Loading creates the calibrator through the plugin registry and
 restores the arrays, so nothing in the file is ever executed or unpickled,
-and a file from an untrusted run is as safe to open as an image.
+and a file from an untrusted run is as safe to open as an image. Like every
+model file, it has a checksum beside it (:mod:`uqsynth.model_files`) and is
+refused if it changed after it was written.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from uqsynth._files import atomic_path
 from uqsynth.calibration.base import Calibrator
 from uqsynth.errors import DataError, PluginError
+from uqsynth.model_files import load_tensors, save_tensors
 
 FORMAT = "uqsynth-calibrator-1"
 
@@ -39,8 +41,6 @@ def save_calibrator(calibrator: Calibrator, path: str | Path, *, name: str, arm:
         ValueError: A parameter is not JSON-serializable, or a fitted
             attribute is not a numeric array.
     """
-    from safetensors.numpy import save_file
-
     state = calibrator.fitted_state()
     tensors = {}
     for key, value in state.items():
@@ -57,9 +57,7 @@ def save_calibrator(calibrator: Calibrator, path: str | Path, *, name: str, arm:
         params = json.dumps(calibrator.get_params(deep=False), sort_keys=True)
     except TypeError as error:
         raise ValueError(f"cannot save the parameters of {type(calibrator).__name__}: {error}") from None
-    metadata = {"format": FORMAT, "calibrator": name, "arm": arm, "params": params}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_tensors(path, tensors, {"format": FORMAT, "calibrator": name, "arm": arm, "params": params})
 
 
 def load_calibrator(path: str | Path, *, host: Any = None, arm: str | None = None) -> tuple[str, Calibrator]:
@@ -76,22 +74,14 @@ def load_calibrator(path: str | Path, *, host: Any = None, arm: str | None = Non
         The registered calibrator name and the fitted calibrator.
 
     Raises:
-        DataError: One line naming the file: it is missing, not a safetensors
-            file, has no uqsynth calibrator metadata, names an unknown
-            calibrator or invalid parameters, holds unusable state, or was
-            fitted for another arm.
+        DataError: One line naming the file: it is missing, holds pickles,
+            does not match its checksum, is not a safetensors file, has no
+            uqsynth calibrator metadata, names an unknown calibrator or
+            invalid parameters, holds unusable state, or was fitted for
+            another arm.
     """
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"calibrator file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="np") as handle:
-            metadata = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:  # safetensors raises its own error types for any malformed header
-        raise DataError(f"calibrator file {path} is not a safetensors file ({_first_line(error)})") from None
+    state, metadata = load_tensors(path, what="calibrator file", framework="np")
 
     missing = [key for key in ("calibrator", "arm", "params") if key not in metadata]
     if metadata.get("format") != FORMAT or missing:

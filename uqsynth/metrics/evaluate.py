@@ -15,7 +15,7 @@ and ``interval``), keyed by a name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -257,6 +257,33 @@ class CohortEvaluator:
         )
         self.subjects_[subject_id] = result
         return result
+
+    def merge(self, other: CohortEvaluator, order: Sequence[str] | None = None) -> CohortEvaluator:
+        """Fold in ``other``'s subjects (same settings, other subjects), e.g. one shard per process; return ``self``.
+
+        Per-subject results are kept as they are and the cohort summaries
+        add up, so the result is that of one evaluator fed every subject, up
+        to the order of floating-point sums. ``order`` lists the subject ids
+        in the order the cohort should report them (default: ``self``'s, then ``other``'s).
+
+        Raises:
+            ValueError: A subject is in both, or ``order`` does not list exactly the merged subjects.
+        """
+        shared = sorted(set(self.subjects_) & set(other.subjects_))
+        if shared:
+            raise ValueError(f"cannot merge evaluators that both hold subject(s) {shared}")
+        for name, group in other.accumulators_.items():
+            for key, accumulator in group.items():
+                self.accumulators_[name][key].merge(accumulator)
+        self.sparsification_.merge(other.sparsification_)
+        subjects = {**self.subjects_, **other.subjects_}
+        pairs = {**self.voxel_pairs_, **other.voxel_pairs_}
+        ids = list(subjects) if order is None else [str(i) for i in order]
+        if sorted(ids) != sorted(subjects):
+            raise ValueError(f"order lists {sorted(ids)}, but the merged subjects are {sorted(subjects)}")
+        self.subjects_ = {i: subjects[i] for i in ids}
+        self.voxel_pairs_ = {i: pairs[i] for i in ids}
+        return self
 
     def result(self) -> dict:
         """Cohort numbers and curves, JSON-ready.

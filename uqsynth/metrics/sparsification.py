@@ -42,13 +42,17 @@ def ause(recall: np.ndarray, rmse: np.ndarray, rmse_oracle: np.ndarray, *, norma
         recall: Recall grid (any order).
         rmse: Model curve at ``recall``.
         rmse_oracle: Oracle curve at ``recall``.
-        normalize: Divide both curves by their value at the largest recall first.
+        normalize: Divide both curves by their value at the largest recall
+            first (a perfect prediction, RMSE 0 at full recall, has AUSE 0).
     """
     recall, rmse, rmse_oracle = (np.asarray(a, dtype=np.float64) for a in (recall, rmse, rmse_oracle))
     order = np.argsort(recall)
     recall, gap = recall[order], (rmse - rmse_oracle)[order]
     if normalize:
-        gap = gap / rmse[order][-1]
+        full = rmse[order][-1]
+        if full == 0:  # no error anywhere: both curves are 0
+            return 0.0
+        gap = gap / full
     return float(np.sum(np.diff(recall) * (gap[1:] + gap[:-1]) / 2.0))
 
 

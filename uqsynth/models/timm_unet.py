@@ -142,8 +142,8 @@ class TimmUnetGenerator(Generator):
             from ``pretrained_path``, as uqsynth never downloads weights.
         pretrained_path: A local timm checkpoint of ``encoder`` (the
             ``state_dict`` of ``timm.create_model(encoder)``, classifier and all,
-            or of its features-only model), as ``.safetensors`` or a torch file
-            (loaded with ``weights_only=True``). A first convolution trained on
+            or of its features-only model), as ``.safetensors`` (torch/pickle
+            files are refused: they can run code). A first convolution trained on
             RGB is adapted to ``in_channels`` as timm does (summed over the
             colour channels for one channel). Giving it implies ``pretrained``.
         stochastic_layer: Zero-argument factory of a stochastic layer, called
@@ -180,7 +180,7 @@ class TimmUnetGenerator(Generator):
             raise ValueError(
                 f"pretrained = true for encoder {encoder!r} needs pretrained_path: uqsynth never downloads "
                 "weights at run time; download a timm checkpoint of the encoder yourself and set "
-                "pretrained_path to the local .safetensors or .pth file"
+                "pretrained_path to the local .safetensors file"
             )
         self.encoder_name = encoder
         self.image_size = image_size
@@ -354,38 +354,39 @@ def create_encoder(name: str, *, in_channels: int = 1, out_indices: Sequence[int
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a local checkpoint: safetensors, or a torch file loaded with ``weights_only=True``.
+    """The tensors of a local safetensors checkpoint (``module.`` prefixes of DataParallel undone).
 
-    A torch file may nest the weights under ``state_dict``, ``model`` or
-    ``state_dict_ema`` (timm's training script), and carry a ``module.``
-    prefix (DataParallel); both are undone.
+    Torch/pickle files (``.pth``, ``.pt``, ``.bin``) are refused, since
+    unpickling can run code; the message says how to convert one you trust.
 
     Raises:
-        ValueError: If the file does not exist or cannot be read as either format.
+        ValueError: If the file does not exist, holds pickles, or is not safetensors.
     """
+    from safetensors.torch import load_file
+
+    from uqsynth.model_files import PICKLE_SIGNATURES
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"pretrained_path {str(path)!r} is not a file")
+    with open(path, "rb") as handle:
+        pickled = handle.read(4).startswith(PICKLE_SIGNATURES)
+    if pickled:
+        raise ValueError(
+            f"pretrained_path {str(path)!r} holds pickled Python objects (a torch.save file), which can run code "
+            "when loaded; uqsynth reads only safetensors. If you trust the file, convert it once: "
+            "python -c \"import sys, torch, safetensors.torch as st; "
+            "st.save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])\" IN.pth OUT.safetensors "
+            "(timm's hub weights are published as .safetensors too)"
+        )
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch and safetensors raise many kinds for a bad file
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own kinds for a bad header
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"pretrained_path {str(path)!r}: cannot read it as a checkpoint: {message}") from None
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f"pretrained_path {str(path)!r}: expected a state_dict, found {type(state).__name__}")
-    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if tensors and all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors
+        raise ValueError(f"pretrained_path {str(path)!r}: cannot read it as a safetensors checkpoint: {message}") from None
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def _normalized(key: str) -> str:
