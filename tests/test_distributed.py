@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -119,15 +120,21 @@ def test_sharded_evaluation_merged_equals_one_evaluator():
         whole.merge(shards[1])
 
 
+SHIPPED = REPO / "plugins" / "bcgan_t1t2.toml"
+
+
+def torchrun_smoke(run: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m uqsynth run <shipped config> --smoke --out RUN`` on the CPU (gloo)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "uqsynth", "run", str(SHIPPED), "--smoke", "--out", str(run), "--device", "cpu"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=cwd,
+    )
+
+
 def test_torchrun_smoke_with_two_cpu_processes(tmp_path):
     run = tmp_path / "R"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "uqsynth", "run", str(REPO / "plugins" / "bcgan_t1t2.toml"), "--smoke", "--out", str(run),
-         "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
-    )
+    completed = torchrun_smoke(run, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "distributed: world size 2 (gloo)" in completed.stderr
     assert "effective batch" in completed.stderr
@@ -145,3 +152,39 @@ def test_torchrun_smoke_with_two_cpu_processes(tmp_path):
 
 def epochs(run: Path) -> int:
     return tomllib.loads((run / "config.toml").read_text())["train"]["epochs"]
+
+
+def numbers(document: object, path: str = "") -> dict[str, float]:
+    """Every number in a JSON document by its path (the timing block left out: wall-clock seconds)."""
+    if isinstance(document, dict):
+        return {k: v for key, value in document.items() if key != "timing"
+                for k, v in numbers(value, f"{path}.{key}").items()}
+    if isinstance(document, list):
+        return {k: v for i, value in enumerate(document) for k, v in numbers(value, f"{path}[{i}]").items()}
+    return {path: float(document)} if isinstance(document, (int, float)) and not isinstance(document, bool) else {}
+
+
+def test_sharded_sampling_calibration_and_evaluation_reproduce_one_process(tmp_path):
+    """Same weights: two ranks' sampling, calibration and evaluation give one process's metrics.
+
+    Each subject's dropout masks depend on the subject, not on the rank that
+    samples it, calibrator summaries add up exactly, and evaluations merge;
+    only the order of a few floating-point sums differs.
+    """
+    from uqsynth.cli import main
+
+    single = tmp_path / "single"
+    assert main(["run", str(SHIPPED), "--smoke", "--out", str(single), "--device", "cpu"]) == 0
+    sharded = tmp_path / "sharded"
+    shutil.copytree(single, sharded)
+    for stale in [*sharded.glob("*/predictions"), *sharded.glob("*/calibrators")]:
+        shutil.rmtree(stale)
+    (sharded / "metrics.json").unlink()
+    completed = torchrun_smoke(sharded, tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "already trained" in completed.stderr
+    expected = numbers(json.loads((single / "metrics.json").read_text()))
+    found = numbers(json.loads((sharded / "metrics.json").read_text()))
+    assert found.keys() == expected.keys()
+    for key, value in expected.items():
+        assert found[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key

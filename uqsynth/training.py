@@ -222,6 +222,10 @@ class Trainer:
         self.generator = models.generator.to(device)
         self.discriminator = models.discriminator.to(device)
         if world.distributed and train.sync_batchnorm:
+            if device.type != "cuda":
+                raise ConfigError(
+                    "train.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set it to false on CPUs"
+                )
             # Converts the BatchNorm children in place (the roots are not BatchNorm layers).
             nn.SyncBatchNorm.convert_sync_batchnorm(self.generator)
             nn.SyncBatchNorm.convert_sync_batchnorm(self.discriminator)
