@@ -194,3 +194,23 @@ def test_a_tampered_checkpoint_is_refused_on_resume(config_file, uninterrupted, 
         f"error: arm concrete: checkpoint {checkpoint} does not match its checksum in checkpoint.safetensors.sha256: "
         "it changed after uqsynth wrote it (tampered with or damaged)"
     )
+
+
+def test_training_further_removes_the_old_generator_predictions_and_calibrators_first(
+    config_file, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    """A kill in the first new epoch must not leave the old epoch's outputs beside the newer checkpoint."""
+    from uqsynth.training import Trainer
+
+    run = tmp_path / "further"
+    shutil.copytree(uninterrupted, run)
+
+    def killed(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "step", killed)
+    assert main(["run", str(config_file), "--out", str(run), "--device", "cpu", "--set", "train.epochs=5"]) == 130
+    arm = run / "mc"
+    assert (arm / "checkpoint.safetensors").is_file()
+    assert not (arm / "generator.safetensors").exists()
+    assert not (arm / "predictions").exists() and not (arm / "calibrators").exists()

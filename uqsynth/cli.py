@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -87,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises it; one says it
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except StageNotImplemented as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -98,14 +98,6 @@ class World:
         dist.gather_object(value, gathered, dst=0)
         return gathered
 
-    def all_gather(self, value: T) -> list[T]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if not self.distributed:
-            return [value]
-        gathered: list[Any] = [None] * self.size
-        dist.all_gather_object(gathered, value)
-        return gathered
-
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank."""
         if not self.distributed:

@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from uqsynth._files import atomic_path, atomic_write_text
-from uqsynth.errors import DataError
+from uqsynth.errors import DataError, OutputError
 
 #: Leading bytes of files that hold pickles: torch.save's zip archive, and pickle protocols 2-5.
+#: (Only asked of files that are not safetensors: a safetensors header length can start with these too.)
 PICKLE_SIGNATURES = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 STATE_KEY = "uqsynth_state"
 
@@ -49,6 +50,21 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def holds_pickle(path: str | Path) -> bool:
+    """True for a file that is not safetensors but starts like a pickle (``torch.save``, ``pickle.dump``).
+
+    A safetensors file starts with the little-endian length n of its JSON
+    header, then the header (``{...}``); those bytes can look like a pickle
+    opcode, so that layout is checked first.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+        size = handle.seek(0, 2)
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return False
+    return head.startswith(PICKLE_SIGNATURES)
 
 
 def _recorded_digests(path: Path) -> list[str]:
@@ -69,11 +85,15 @@ def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, 
     else:
         from safetensors.torch import save_file
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as error:  # raised instead of OSError, e.g. when the disk is full
+            raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
         digest = sha256_of(tmp)
-        # Accept the old file too while the new one is not yet renamed into place.
-        previous = _recorded_digests(path)[:1] if path.exists() else []
-        atomic_write_text(checksum_path(path), "".join(f"{d}  {path.name}\n" for d in [digest, *previous]))
+        # Accept the file in place too (whichever recorded digest it has) until the new one replaces it.
+        previous = _recorded_digests(path) if path.exists() else []
+        accepted = list(dict.fromkeys([digest, *previous]))
+        atomic_write_text(checksum_path(path), "".join(f"{d}  {path.name}\n" for d in accepted))
     atomic_write_text(checksum_path(path), f"{digest}  {path.name}\n")
 
 
@@ -90,9 +110,7 @@ def check_model_file(path: str | Path, *, what: str, verify: bool = True) -> Pat
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} {path} does not exist")
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(PICKLE_SIGNATURES):
+    if holds_pickle(path):
         raise DataError(
             f"{what} {path} holds pickled Python objects (a torch.save or pickle file), which can run code "
             "when loaded; uqsynth reads only safetensors files"
@@ -127,9 +145,13 @@ def load_tensors(
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for any malformed header
-        lines = str(error).strip().splitlines()
-        raise DataError(f"{what} {path} is not a safetensors file ({lines[0] if lines else type(error).__name__})") from None
+        raise DataError(f"{what} {path} is not a safetensors file ({_first_line(error)})") from None
     return tensors, metadata
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # --------------------------------------------------------------------------- nested state

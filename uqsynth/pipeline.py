@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,12 +31,13 @@ import torch
 
 import uqsynth
 from uqsynth._files import atomic_write_text
+from uqsynth.calibration.base import StreamingCalibrator
 from uqsynth.config import Config, PluginSpec, dumps_config, load_config
 from uqsynth.data.base import Dataset
 from uqsynth.data.slices import EvalVolume, TrainSlices
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.distributed import SINGLE, World, all_reduce_calibrator, close_world, init_world
-from uqsynth.errors import ConfigError
+from uqsynth.errors import ConfigError, UserError
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
 from uqsynth.run_directory import RunLock, check_existing_run, clear_run, remove_stale_temporaries
@@ -137,6 +137,8 @@ def prepare(context: RunContext) -> None:
     ``data.image_size``; kept for training).
     """
     config = context.config
+    if context.world.distributed and config.train.sync_batchnorm and context.device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set it to false on CPUs")
     context.dataset = build_dataset(config, context.host)
     held_out = config.calibration.subjects == "held_out"
     context.split = split_subjects(
@@ -175,14 +177,7 @@ def stage_train(context: RunContext) -> None:
         atomic_write_text(context.out_dir / "split.json", json.dumps(split_record, indent=2) + "\n")
     for arm_name in config.arms:
         arm_dir = context.out_dir / arm_name
-        trainer = Trainer(
-            config, arm_name, context.models[arm_name], context.train_set, arm_dir, context.device, world=world
-        )
-        if trainer.fit() and world.is_main:
-            # The weights changed: samples and calibrators of an earlier, shorter run are stale.
-            for stale in ("predictions", "calibrators"):
-                shutil.rmtree(arm_dir / stale, ignore_errors=True)
-        world.barrier()
+        Trainer(config, arm_name, context.models[arm_name], context.train_set, arm_dir, context.device, world=world).fit()
 
 
 def stage_sample(context: RunContext) -> None:
@@ -247,9 +242,9 @@ def stage_calibrate(context: RunContext) -> None:
         calibrators = {spec.name: context.host["calibrator"].create(spec.name, **spec.params) for spec in pending}
         sampler = PosteriorSampler(context.models[arm_name].generator, sampler_options(config), context.device)
         started, voxels, degenerate = time.perf_counter(), 0, 0
-        # Calibrators without partial_fit need every voxel at once: keep those (memory grows with the set).
+        # Calibrators whose summaries do not add up need every voxel at once: keep those (memory grows with the set).
         gathered: dict[str, list[tuple[np.ndarray, ...]]] = {
-            name: [] for name, calibrator in calibrators.items() if not hasattr(calibrator, "partial_fit")
+            name: [] for name, calibrator in calibrators.items() if not isinstance(calibrator, StreamingCalibrator)
         }
         for subject_id in world.shard(subjects):
             evaluation = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size)
@@ -259,6 +254,8 @@ def stage_calibrate(context: RunContext) -> None:
             degenerate += int(brain.sum() - usable.sum())
             truth = evaluation.normalized_target()
             batch = (maps["mean"][usable], maps["std"][usable], truth[usable])
+            if not usable.any():  # counted in `degenerate` above
+                continue
             for name, calibrator in calibrators.items():
                 if name in gathered:
                     gathered[name].append(batch)
@@ -365,22 +362,17 @@ def _run_stages(
     prepare(context)
     replace = check_existing_run(out_dir, config, force=force)
     lock = None
+    failure: UserError | None = None
     if world.is_main:
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--out {out_dir}: cannot create the run directory: {exc.strerror or exc}") from None
-        lock = RunLock(out_dir)
+            lock = _claim_run_directory(context, replace=replace, force=force)
+        except UserError as exc:
+            failure = exc
+    # Rank 0 alone touches --out; the others learn whether that worked instead of waiting in a barrier.
+    message = world.broadcast(None if failure is None else str(failure))
+    if message is not None:
+        raise failure if failure is not None else ConfigError(message)
     try:
-        if world.is_main:
-            # Checked again under the lock: another run may have written here since.
-            if check_existing_run(out_dir, config, force=force) or replace:
-                removed = clear_run(out_dir)
-                context.say(f"--force: replaced the run of another configuration in {out_dir} ({len(removed)} entries)")
-            if remove_stale_temporaries(out_dir):
-                context.say(f"removed the temporary files of writes an earlier, killed run left in {out_dir}")
-            atomic_write_text(out_dir / "config.toml", dumps_config(config))
-        world.barrier()
         for name, stage in STAGES:
             started = time.perf_counter()
             stage(context)
@@ -391,6 +383,28 @@ def _run_stages(
         if lock is not None:
             lock.release()
     return 0
+
+
+def _claim_run_directory(context: RunContext, *, replace: bool, force: bool) -> RunLock:
+    """Create and lock ``--out``, replace another configuration's run (``--force``), save the configuration."""
+    out_dir, config = context.out_dir, context.config
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot create the run directory: {exc.strerror or exc}") from None
+    lock = RunLock(out_dir)
+    try:
+        # Checked again under the lock: another run may have written here since.
+        if check_existing_run(out_dir, config, force=force) or replace:
+            removed = clear_run(out_dir, config)
+            context.say(f"--force: replaced the run of another configuration in {out_dir} ({len(removed)} entries)")
+        if remove_stale_temporaries(out_dir):
+            context.say(f"removed the temporary files of writes an earlier, killed run left in {out_dir}")
+        atomic_write_text(out_dir / "config.toml", dumps_config(config))
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def run_report(run_dir: str | Path) -> int:

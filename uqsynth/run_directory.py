@@ -112,19 +112,21 @@ def check_existing_run(out_dir: Path, config: Config, *, force: bool = False) ->
     )
 
 
-def clear_run(out_dir: Path) -> list[str]:
-    """Remove the files and arm folders of the run saved in ``out_dir``; return what was removed.
+def clear_run(out_dir: Path, config: Config) -> list[str]:
+    """Remove the files and arm folders a run left in ``out_dir``, before ``config`` runs there; return what was removed.
 
     Only what a run writes is touched (its top-level files, figures, and the
-    folders of the arms its ``config.toml`` names), so an ``--out`` pointed
-    at a folder holding other things keeps them.
+    folders of the arms named by the saved ``config.toml`` or by ``config``,
+    whose folders would otherwise be resumed), so an ``--out`` pointed at a
+    folder holding other things keeps them.
     """
     removed = []
-    arms: list[str] = []
+    arms: list[str] = list(config.arms)
     try:
-        arms = list(tomllib.loads((out_dir / "config.toml").read_text(encoding="utf-8")).get("arms", {}))
+        saved = tomllib.loads((out_dir / "config.toml").read_text(encoding="utf-8")).get("arms", {})
+        arms += [arm for arm in saved if arm not in arms]
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        pass
+        pass  # unreadable: the new configuration's arms are still cleared
     for arm in arms:
         if (out_dir / arm).is_dir():
             shutil.rmtree(out_dir / arm)

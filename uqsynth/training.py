@@ -19,6 +19,7 @@ import contextlib
 import csv
 import io
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -221,11 +222,7 @@ class Trainer:
         betas = tuple(train.betas)
         self.generator = models.generator.to(device)
         self.discriminator = models.discriminator.to(device)
-        if world.distributed and train.sync_batchnorm:
-            if device.type != "cuda":
-                raise ConfigError(
-                    "train.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set it to false on CPUs"
-                )
+        if world.distributed and train.sync_batchnorm:  # on GPUs: prepare() refuses it on CPUs
             # Converts the BatchNorm children in place (the roots are not BatchNorm layers).
             nn.SyncBatchNorm.convert_sync_batchnorm(self.generator)
             nn.SyncBatchNorm.convert_sync_batchnorm(self.discriminator)
@@ -334,6 +331,9 @@ class Trainer:
         else:
             # A fresh arm's crops and masks must not depend on what ran before it in this process.
             seed_everything(self.config.run.seed, self.world.rank)
+        if self.world.is_main:
+            self.discard_outputs()
+        self.world.barrier()
         if self.world.distributed:
             batch = self.config.train.batch_size
             self.log(
@@ -372,9 +372,9 @@ class Trainer:
             for index, p in enumerate(dropout_probabilities(self.generator), start=1):
                 row[f"p_{index}"] = p
             row["seconds"] = time.perf_counter() - started
-            self.save_checkpoint()  # collective: every rank sends its random state
-            if self.world.is_main:
+            if self.world.is_main:  # the log first: a rerun of this epoch replaces its row
                 self.append_log(row)
+            self.save_checkpoint()  # collective: every rank sends its random state
             probabilities = dropout_probabilities(self.generator)
             p_text = f", p {' '.join(f'{p:.4f}' for p in probabilities)}" if probabilities else ""
             self.log(
@@ -394,6 +394,19 @@ class Trainer:
         return dict(zip(keys, summed.tolist()))
 
     # ------------------------------------------------------------------ files
+
+    def discard_outputs(self) -> None:
+        """Delete what the previous weights produced, before the weights change.
+
+        The exported generator, its predictions and calibrators belong to
+        the epoch they were made at; a run that trains further (more epochs,
+        or a resume) removes them first, so a kill at any later point cannot
+        leave them beside newer weights.
+        """
+        for name in (GENERATOR_WEIGHTS, GENERATOR_WEIGHTS + ".sha256"):
+            (self.out_dir / name).unlink(missing_ok=True)
+        for folder in ("predictions", "calibrators"):
+            shutil.rmtree(self.out_dir / folder, ignore_errors=True)
 
     def append_log(self, row: dict) -> None:
         """Rewrite ``train_log.csv`` atomically with ``row`` appended."""

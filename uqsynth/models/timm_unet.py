@@ -364,20 +364,17 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     from safetensors.torch import load_file
 
-    from uqsynth.model_files import PICKLE_SIGNATURES
+    from uqsynth.model_files import holds_pickle
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"pretrained_path {str(path)!r} is not a file")
-    with open(path, "rb") as handle:
-        pickled = handle.read(4).startswith(PICKLE_SIGNATURES)
-    if pickled:
+    if holds_pickle(path):
         raise ValueError(
             f"pretrained_path {str(path)!r} holds pickled Python objects (a torch.save file), which can run code "
-            "when loaded; uqsynth reads only safetensors. If you trust the file, convert it once: "
-            "python -c \"import sys, torch, safetensors.torch as st; "
-            "st.save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])\" IN.pth OUT.safetensors "
-            "(timm's hub weights are published as .safetensors too)"
+            "when loaded; uqsynth reads only safetensors. If you trust the file, convert it once: load it with "
+            "torch.load(path, weights_only=True), take the state_dict (under 'state_dict' or 'model' in training "
+            "checkpoints) and save it with safetensors.torch.save_file (timm's hub weights come as .safetensors too)"
         )
     try:
         state = load_file(str(path), device="cpu")
