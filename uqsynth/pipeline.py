@@ -223,8 +223,9 @@ def stage_calibrate(context: RunContext) -> None:
     bound to the arm; calibrators already saved are not fitted again. Under
     torchrun each rank summarizes its share of the subjects and the
     summaries are summed across ranks, which is exact (see
-    :func:`~uqsynth.distributed.all_reduce_calibrator`); calibrators without
-    ``partial_fit`` get every voxel gathered on rank 0.
+    :func:`~uqsynth.distributed.all_reduce_calibrator`); calibrators that
+    are not a :class:`~uqsynth.calibration.base.StreamingCalibrator` get
+    every voxel gathered and fitted on rank 0.
     """
     from uqsynth.calibration.io import save_calibrator
     from uqsynth.predict import posterior_maps, sampler_options
@@ -252,10 +253,10 @@ def stage_calibrate(context: RunContext) -> None:
             brain = evaluation.native_mask()
             usable = brain & (maps["std"] > 0)
             degenerate += int(brain.sum() - usable.sum())
-            truth = evaluation.normalized_target()
-            batch = (maps["mean"][usable], maps["std"][usable], truth[usable])
             if not usable.any():  # counted in `degenerate` above
                 continue
+            truth = evaluation.normalized_target()
+            batch = (maps["mean"][usable], maps["std"][usable], truth[usable])
             for name, calibrator in calibrators.items():
                 if name in gathered:
                     gathered[name].append(batch)
