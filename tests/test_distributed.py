@@ -118,6 +118,8 @@ def test_sharded_evaluation_merged_equals_one_evaluator():
     assert merged["levels"]["voxel"]["pearson"] == pytest.approx(expected["levels"]["voxel"]["pearson"], rel=1e-12)
     with pytest.raises(ValueError, match="both hold subject"):
         whole.merge(shards[1])
+    with pytest.raises(ValueError, match="different slice axes or settings"):
+        CohortEvaluator(axis=1).merge(CohortEvaluator(axis=2))
 
 
 SHIPPED = REPO / "plugins" / "bcgan_t1t2.toml"

@@ -177,7 +177,10 @@ def stage_train(context: RunContext) -> None:
         atomic_write_text(context.out_dir / "split.json", json.dumps(split_record, indent=2) + "\n")
     for arm_name in config.arms:
         arm_dir = context.out_dir / arm_name
-        Trainer(config, arm_name, context.models[arm_name], context.train_set, arm_dir, context.device, world=world).fit()
+        trainer = Trainer(
+            config, arm_name, context.models[arm_name], context.train_set, arm_dir, context.device, world=world
+        )
+        trainer.fit()
 
 
 def stage_sample(context: RunContext) -> None:

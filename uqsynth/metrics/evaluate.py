@@ -58,6 +58,11 @@ class _Settings:
         self.std_floor = float(std_floor)
         self.names = list(self.quantile_fns) + [n for n in self.interval_fns if n not in self.quantile_fns]
 
+    def key(self) -> tuple:
+        """What must match for two evaluators' sums to add up (the calibrators by name)."""
+        return (tuple(self.names), self.interval_levels, tuple(self.calibration_levels.tolist()), self.scale,
+                self.std_floor)
+
     def accumulators(self) -> dict[str, dict[str, object]]:
         """Fresh accumulators: ``"gaussian"`` and one group per calibrator name."""
         groups = {
@@ -267,8 +272,11 @@ class CohortEvaluator:
         in the order the cohort should report them (default: ``self``'s, then ``other``'s).
 
         Raises:
-            ValueError: A subject is in both, or ``order`` does not list exactly the merged subjects.
+            ValueError: The slice axes or the settings differ, a subject is in
+                both, or ``order`` does not list exactly the merged subjects.
         """
+        if other.axis != self.axis or other._settings.key() != self._settings.key():
+            raise ValueError("cannot merge evaluators built with different slice axes or settings")
         shared = sorted(set(self.subjects_) & set(other.subjects_))
         if shared:
             raise ValueError(f"cannot merge evaluators that both hold subject(s) {shared}")
