@@ -364,12 +364,12 @@ def _run_stages(
     for line in [*config.notes, *describe_run(config, host, out_dir, world.device, smoke, world)]:
         context.say(line)
     prepare(context)
-    replace = check_existing_run(out_dir, config, force=force)
+    check_existing_run(out_dir, config, force=force)  # refuse before --out is touched; repeated under the lock
     lock = None
     failure: UserError | None = None
     if world.is_main:
         try:
-            lock = _claim_run_directory(context, replace=replace, force=force)
+            lock = _claim_run_directory(context, force=force)
         except UserError as exc:
             failure = exc
     # Rank 0 alone touches --out; the others learn whether that worked instead of waiting in a barrier.
@@ -389,7 +389,7 @@ def _run_stages(
     return 0
 
 
-def _claim_run_directory(context: RunContext, *, replace: bool, force: bool) -> RunLock:
+def _claim_run_directory(context: RunContext, *, force: bool) -> RunLock:
     """Create and lock ``--out``, replace another configuration's run (``--force``), save the configuration."""
     out_dir, config = context.out_dir, context.config
     try:
@@ -399,7 +399,7 @@ def _claim_run_directory(context: RunContext, *, replace: bool, force: bool) -> 
     lock = RunLock(out_dir)
     try:
         # Checked again under the lock: another run may have written here since.
-        if check_existing_run(out_dir, config, force=force) or replace:
+        if check_existing_run(out_dir, config, force=force):
             removed = clear_run(out_dir, config)
             context.say(f"--force: replaced the run of another configuration in {out_dir} ({len(removed)} entries)")
         if remove_stale_temporaries(out_dir):
