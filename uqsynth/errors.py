@@ -7,6 +7,12 @@ exception is a bug and exits with status 1 (with a traceback under ``--debug``).
 """
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty), for one-line error messages."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 class UserError(Exception):
     """A problem in the user's input; the message is shown as one line."""
 

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from uqsynth._files import atomic_path, atomic_write_text
-from uqsynth.errors import DataError, OutputError
+from uqsynth.errors import DataError, OutputError, first_line
 
 #: Leading bytes of files that hold pickles: torch.save's zip archive, and pickle protocols 2-5.
 #: (Only asked of files that are not safetensors: a safetensors header length can start with these too.)
@@ -88,7 +88,7 @@ def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, 
         try:
             save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as error:  # raised instead of OSError, e.g. when the disk is full
-            raise OutputError(f"cannot write {path}: {_first_line(error)}") from None
+            raise OutputError(f"cannot write {path}: {first_line(error)}") from None
         digest = sha256_of(tmp)
         # Accept the file in place too (whichever recorded digest it has) until the new one replaces it.
         previous = _recorded_digests(path) if path.exists() else []
@@ -145,13 +145,9 @@ def load_tensors(
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for any malformed header
-        raise DataError(f"{what} {path} is not a safetensors file ({_first_line(error)})") from None
+        raise DataError(f"{what} {path} is not a safetensors file ({first_line(error)})") from None
     return tensors, metadata
 
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # --------------------------------------------------------------------------- nested state

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from uqsynth.calibration.base import Calibrator
-from uqsynth.errors import DataError, PluginError
+from uqsynth.errors import DataError, PluginError, first_line
 from uqsynth.model_files import load_tensors, save_tensors
 
 FORMAT = "uqsynth-calibrator-1"
@@ -99,7 +99,7 @@ def load_calibrator(path: str | Path, *, host: Any = None, arm: str | None = Non
         if not isinstance(params, dict):
             raise ValueError("not a JSON object")
     except ValueError as error:
-        raise DataError(f"calibrator file {path} has unreadable parameters ({_first_line(error)})") from None
+        raise DataError(f"calibrator file {path} has unreadable parameters ({first_line(error)})") from None
 
     if host is None:
         from uqsynth.plugins import get_host
@@ -111,17 +111,13 @@ def load_calibrator(path: str | Path, *, host: Any = None, arm: str | None = Non
         raise DataError(f"calibrator file {path}: {error}") from None
     except (TypeError, ValueError) as error:
         raise DataError(
-            f'calibrator file {path}: cannot create calibrator "{name}" with {params}: {_first_line(error)}'
+            f'calibrator file {path}: cannot create calibrator "{name}" with {params}: {first_line(error)}'
         ) from None
     try:
         calibrator.load_fitted_state(state)
     except ValueError as error:
         raise DataError(
-            f'calibrator file {path}: invalid state for calibrator "{name}": {_first_line(error)}'
+            f'calibrator file {path}: invalid state for calibrator "{name}": {first_line(error)}'
         ) from None
     return name, calibrator
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from uqsynth.errors import first_line
 from uqsynth.layers.base import StochasticLayer
 from uqsynth.models.base import Generator
 from uqsynth.models.init import init_weights
@@ -346,10 +347,9 @@ def create_encoder(name: str, *, in_channels: int = 1, out_indices: Sequence[int
     try:
         return timm.create_model(name, features_only=True, in_chans=in_channels, pretrained=False, **kwargs)
     except (RuntimeError, ValueError, TypeError, AssertionError, IndexError, KeyError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(
             f"timm cannot build encoder {name!r} with features_only=True, in_chans={in_channels}"
-            f"{', out_indices=' + str(list(out_indices)) if out_indices is not None else ''}: {message}"
+            f"{', out_indices=' + str(list(out_indices)) if out_indices is not None else ''}: {first_line(exc)}"
         ) from None
 
 
@@ -379,8 +379,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own kinds for a bad header
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"pretrained_path {str(path)!r}: cannot read it as a safetensors checkpoint: {message}") from None
+        raise ValueError(
+            f"pretrained_path {str(path)!r}: cannot read it as a safetensors checkpoint: {first_line(exc)}"
+        ) from None
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
