@@ -40,6 +40,7 @@ discriminator = { name = "patchgan", ndf = 8 }
 
 [train]
 epochs = 4
+lr_decay_epochs = 2    # so that some kills land mid-decay
 batch_size = 4
 max_steps_per_epoch = 6
 
@@ -153,9 +154,9 @@ def test_a_second_run_on_a_live_run_directory_is_refused(config_file, tmp_path, 
 
 def test_another_configuration_is_refused_unless_forced(config_file, uninterrupted, tmp_path, capsys):
     out = tmp_path / "forced"
-    assert main(["run", str(config_file), "--out", str(out), "--device", "cpu", "--set", "train.epochs=1"]) == 0
+    assert main(["run", str(config_file), "--out", str(out), "--device", "cpu", "--set", "train.epochs=2"]) == 0
     other = ["run", str(config_file), "--out", str(out), "--device", "cpu", "--set", "run.seed=6",
-             "--set", "train.epochs=1"]
+             "--set", "train.epochs=2"]
     capsys.readouterr()
     assert main(other) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

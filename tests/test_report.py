@@ -49,6 +49,27 @@ def test_metrics_json_has_every_key_the_paper_needs(finished):
     assert {"train", "sample", "calibrate"} <= set(metrics["timing"])
 
 
+def test_metrics_json_scores_the_per_subject_linear_map_on_the_same_voxels(finished):
+    from uqsynth.baselines import linear_map_prediction, masked_rmse
+    from uqsynth.config import load_config
+    from uqsynth.data.slices import EvalVolume
+    from uqsynth.pipeline import build_dataset
+    from uqsynth.plugins import get_host
+
+    metrics = json.loads((finished / "metrics.json").read_text())
+    baseline = metrics["baselines"]["linear_map"]
+    assert list(baseline["rmse_per_subject"]) == list(metrics["arms"]["mc"]["rmse_per_subject"])
+    host = get_host()
+    config = load_config(finished / "config.toml", host=host)
+    dataset = build_dataset(config, host)
+    for subject_id, reported in baseline["rmse_per_subject"].items():
+        volume = EvalVolume(dataset.load(subject_id), image_size=config.data.image_size)
+        source, truth, mask = volume.normalized_source(), volume.normalized_target(), volume.native_mask()
+        assert reported == pytest.approx(masked_rmse(linear_map_prediction(source, truth, mask), truth, mask))
+    assert baseline["rmse_mean"] == pytest.approx(sum(baseline["rmse_per_subject"].values()) / 2)
+    assert "linear map (baseline)" in (finished / "report.html").read_text()
+
+
 def test_metrics_csv_has_a_row_per_arm_and_subject(finished):
     with open(finished / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -110,6 +110,29 @@ def test_resumed_training_matches_uninterrupted_training(tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_learning_rate_holds_then_falls_linearly_over_the_decay_epochs():
+    from uqsynth.config import TrainConfig
+    from uqsynth.training import learning_rate_factor
+
+    fixed = TrainConfig(epochs=4)
+    assert {learning_rate_factor(fixed, e, s, 5) for e in range(1, 5) for s in range(5)} == {1.0}
+    train = TrainConfig(epochs=4, lr_decay_epochs=2)
+    factors = [learning_rate_factor(train, e, s, 5) for e in range(1, 5) for s in range(5)]
+    assert factors[:11] == [1.0] * 11  # two full epochs, then the first decay step at full rate
+    assert all(b < a for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(1 / 10)
+
+
+def test_learning_rate_decay_shows_in_the_log(tmp_path):
+    config = tmp_path / "tiny.toml"
+    single_arm = TINY.split("[arms.mc]")[0] + "[arms.concrete]" + TINY.split("[arms.concrete]")[1]
+    config.write_text(single_arm.replace("epochs = 2", "epochs = 3\nlr_decay_epochs = 2"))
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    rates = [float(row["lr"]) for row in read_log(tmp_path / "run" / "concrete" / "train_log.csv")]
+    # Epoch 1 at the full rate; the last step of epochs 2 and 3 at 4/6 and 1/6 of it (3 steps per epoch).
+    assert rates == pytest.approx([2e-4, 2e-4 * 4 / 6, 2e-4 / 6])
+
+
 def test_phantom_command_writes_subjects_the_brats_loader_reads(tmp_path):
     out = tmp_path / "P"
     assert main(["phantom", "--out", str(out), "--subjects", "3", "--seed", "1"]) == 0

@@ -109,7 +109,12 @@ class TrainConfig:
 
     epochs: int = field(default=40, metadata={"doc": "Training epochs per arm.", "min": 1})
     batch_size: int = field(default=16, metadata={"doc": "Slices per step (per process under torchrun).", "min": 1})
-    lr: float = field(default=2e-4, metadata={"doc": "Adam learning rate (fixed).", "min_exclusive": 0.0})
+    lr: float = field(default=2e-4, metadata={"doc": "Adam learning rate.", "min_exclusive": 0.0})
+    lr_decay_epochs: int = field(
+        default=0,
+        metadata={"doc": "Final epochs over which the learning rate falls linearly towards 0 "
+                         "(pix2pix's n_epochs_decay); 0 keeps it fixed (the paper).", "min": 0},
+    )
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999], metadata={"doc": "Adam betas."})
     lambda_l1: float = field(default=100.0, metadata={"doc": "Weight of L1(fake, real).", "min": 0.0})
     lambda_kl: float = field(default=100.0, metadata={"doc": "Weight of the stochastic layers' KL terms.", "min": 0.0})
@@ -511,6 +516,11 @@ def _check_cross_fields(config: Config, origins: _Origins) -> None:
         raise ConfigError(
             f"{origins.where('data.load_size')}: data.load_size ({config.data.load_size}) must be >= "
             f"data.image_size ({config.data.image_size})"
+        )
+    if config.train.lr_decay_epochs > config.train.epochs:
+        raise ConfigError(
+            f"{origins.where('train.lr_decay_epochs')}: train.lr_decay_epochs ({config.train.lr_decay_epochs}) "
+            f"must be at most train.epochs ({config.train.epochs})"
         )
     if len(config.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in config.train.betas):
         raise ConfigError(f"{origins.where('train.betas')}: train.betas must be two numbers in [0, 1), found {config.train.betas}")

@@ -7,7 +7,8 @@ model was trained to produce), and feeds one subject at a time to a
 never holds more than one volume. ``uqsynth report RUN`` reruns exactly this.
 
 Outputs ``RUN/metrics.json`` (the keys of issue 5 under ``arms.<arm>``, the
-paired t-test between the first two arms, timing) and ``RUN/metrics.csv``
+per-subject linear-map baseline under ``baselines.linear_map``, the paired
+t-test between the first two arms, timing) and ``RUN/metrics.csv``
 (one row per arm and subject).
 """
 
@@ -24,6 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from uqsynth._files import atomic_write_text
+from uqsynth.baselines import linear_map_prediction, masked_rmse
 from uqsynth.calibration.io import load_calibrator
 from uqsynth.config import Config
 from uqsynth.data.base import Dataset
@@ -93,6 +95,22 @@ def evaluate_arm(
     return ArmEvaluation(evaluator, evaluator.result(), learned_p, example)
 
 
+def evaluate_linear_baseline(config: Config, dataset: Dataset, test_ids: list[str]) -> dict[str, float]:
+    """Per-subject RMSE of the linear-map shortcut (:mod:`uqsynth.baselines`), on the arms' scale.
+
+    The map ``a * T1w + b`` is fitted by least squares to each subject's own
+    normalized target inside its brain mask, so it sees the truth it is
+    scored on: a model that does not beat it has learned no more than a
+    global intensity inversion.
+    """
+    rmse = {}
+    for subject_id in test_ids:
+        evaluation = EvalVolume(dataset.load(subject_id), image_size=config.data.image_size)
+        source, truth, mask = evaluation.normalized_source(), evaluation.normalized_target(), evaluation.native_mask()
+        rmse[subject_id] = masked_rmse(linear_map_prediction(source, truth, mask), truth, mask)
+    return rmse
+
+
 def merge_evaluations(parts: list[ArmEvaluation | None], test_ids: list[str]) -> ArmEvaluation:
     """One arm's evaluation from the parts of several processes (None: a process with no subjects).
 
@@ -141,10 +159,23 @@ def arm_summary(evaluation: ArmEvaluation) -> dict:
     }
 
 
-def metrics_document(evaluations: dict[str, ArmEvaluation], timing: dict[str, float]) -> dict:
-    """``metrics.json``: per-arm blocks, the paired t-test of the first two arms, timing."""
+def metrics_document(
+    evaluations: dict[str, ArmEvaluation], timing: dict[str, float], linear_baseline: dict[str, float]
+) -> dict:
+    """``metrics.json``: per-arm blocks, the linear-map baseline, the paired t-test of the first two arms, timing.
+
+    Args:
+        evaluations: Each arm's evaluation.
+        timing: Seconds per stage.
+        linear_baseline: Subject id -> RMSE of :func:`evaluate_linear_baseline`, in test-set order.
+    """
     arms = {name: arm_summary(evaluation) for name, evaluation in evaluations.items()}
-    document: dict = {"arms": arms, "paired_ttest": None, "timing": timing,
+    baseline = {
+        "rmse_per_subject": linear_baseline,
+        "rmse_mean": float(np.mean(list(linear_baseline.values()))) if linear_baseline else None,
+        "method": "per-subject least-squares a * source + b fitted to the subject's own target in the brain mask",
+    }
+    document: dict = {"arms": arms, "baselines": {"linear_map": baseline}, "paired_ttest": None, "timing": timing,
                       "scale": "intensities normalized per slice to [0, 1], errors reported on [0, 255]"}
     names = list(evaluations)
     if len(names) >= 2 and len(arms[names[0]]["rmse_per_subject"]) >= 2:

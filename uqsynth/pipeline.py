@@ -292,26 +292,37 @@ def stage_evaluate(context: RunContext) -> None:
     rank 0 merges the parts (per-subject numbers as they are, cohort sums
     added) and writes the files.
     """
-    from uqsynth.evaluation import evaluate_arm, merge_evaluations, metrics_document, metrics_rows, write_metrics
+    from uqsynth.evaluation import (
+        evaluate_arm,
+        evaluate_linear_baseline,
+        merge_evaluations,
+        metrics_document,
+        metrics_rows,
+        write_metrics,
+    )
 
     world = context.world
     started = time.perf_counter()
+    shard = world.shard(context.split.test)
+    baseline_parts = world.gather(evaluate_linear_baseline(context.config, context.dataset, shard))
     for arm_name in context.config.arms:
         learned_p = dropout_probabilities(context.models[arm_name].generator)
-        shard = world.shard(context.split.test)
         part = evaluate_arm(context.config, context.dataset, shard, context.out_dir / arm_name, learned_p) if shard else None
         parts = world.gather(part)
         if world.is_main:
             context.evaluations[arm_name] = merge_evaluations(parts, context.split.test)
     if not world.is_main:
         return
+    baseline = {k: v for part in baseline_parts for k, v in part.items()}
+    baseline = {subject_id: baseline[subject_id] for subject_id in context.split.test}
     timing = {**context.timing, "evaluate": time.perf_counter() - started}
-    context.metrics = metrics_document(context.evaluations, timing)
+    context.metrics = metrics_document(context.evaluations, timing, baseline)
     write_metrics(context.out_dir, context.metrics, metrics_rows(context.evaluations))
+    linear = context.metrics["baselines"]["linear_map"]["rmse_mean"]
     for name, arm in context.metrics["arms"].items():
         after = ", ".join(f"{c} {v:.4f}" for c, v in arm["calibration_rms_after"].items())
-        context.say(f"arm {name}: RMSE {arm['rmse_mean']:.2f}, calibration RMS {arm['calibration_rms_before']:.4f} "
-                    f"before, after {after}")
+        context.say(f"arm {name}: RMSE {arm['rmse_mean']:.2f} (per-subject linear map {linear:.2f}), "
+                    f"calibration RMS {arm['calibration_rms_before']:.4f} before, after {after}")
 
 
 def stage_report(context: RunContext) -> None:

@@ -189,8 +189,17 @@ def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
           a["picp"].get("0.9"), *[a["picp_after"].get(c, {}).get("0.9") for c in calibrators]]
          for name, a in arms.items()],
     )
+    linear = document.get("baselines", {}).get("linear_map", {})
+    linear_rmse = linear.get("rmse_per_subject", {})
     subjects = sorted({s for a in arms.values() for s in a["rmse_per_subject"]})
-    per_subject = _table(["subject", *arms], [[s, *[arms[a]["rmse_per_subject"].get(s) for a in arms]] for s in subjects])
+    per_subject = _table(
+        ["subject", *arms, "linear map (baseline)"],
+        [[s, *[arms[a]["rmse_per_subject"].get(s) for a in arms], linear_rmse.get(s)] for s in subjects],
+    )
+    baseline_text = (
+        f"Baseline: a per-subject least-squares linear map from source to target intensities, fitted to the "
+        f"subject's own target (it sees the truth), has mean RMSE {_fmt(linear.get('rmse_mean'))}." if linear else ""
+    )
     ttest = document.get("paired_ttest")
     ttest_text = (
         f"Two-sided paired t-test on per-subject RMSE, {ttest['arms'][0]} vs {ttest['arms'][1]}: "
@@ -211,7 +220,7 @@ def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
         f"<style>{style}</style></head><body><h1>uqsynth report</h1>"
         f"<p>Errors on the [0, 255] scale inside the brain mask; intensities normalized per slice. {html.escape(ttest_text)}</p>"
         f"<h2>Accuracy and uncertainty</h2>{summary}<h2>Calibration</h2>{calibration}"
-        f"<h2>Per-subject RMSE</h2>{per_subject}<p>Timing: {html.escape(timing)}</p>"
+        f"<h2>Per-subject RMSE</h2>{per_subject}<p>{html.escape(baseline_text)}</p><p>Timing: {html.escape(timing)}</p>"
         f"<h2>Figures</h2>{images}</body></html>"
     )
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from uqsynth._files import atomic_write_text
-from uqsynth.config import ArmConfig, Config
+from uqsynth.config import ArmConfig, Config, TrainConfig
 from uqsynth.distributed import SINGLE, World
 from uqsynth.errors import ConfigError
 from uqsynth.layers.base import sampling, stochastic_layers, total_regularizer
@@ -135,6 +135,22 @@ def dropout_probabilities(generator: nn.Module) -> list[float]:
         if p is not None:
             values.append(float(p.detach()))
     return values
+
+
+def learning_rate_factor(train: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The multiple of ``train.lr`` for step ``step`` (0-based) of epoch ``epoch`` (1-based).
+
+    1 until the last ``train.lr_decay_epochs`` epochs, then falling linearly
+    with every step, to ``1 / decay_steps`` at the last one (pix2pix's
+    ``linear`` policy, per step rather than per epoch so that a short run
+    decays smoothly). A pure function of the position, so a resumed run
+    needs no scheduler state to continue exactly.
+    """
+    decay_steps = train.lr_decay_epochs * steps_per_epoch
+    if decay_steps == 0:
+        return 1.0
+    remaining = (train.epochs - epoch + 1) * steps_per_epoch - step
+    return min(1.0, remaining / decay_steps)
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -242,6 +258,12 @@ class Trainer:
         return DistributedDataParallel(network, device_ids=device_ids)
 
     # ------------------------------------------------------------------ steps
+
+    def set_learning_rate(self, factor: float) -> None:
+        """Both optimizers at ``factor * train.lr`` (see :func:`learning_rate_factor`)."""
+        for optimizer in (self.optimizer_g, self.optimizer_d):
+            for group in optimizer.param_groups:
+                group["lr"] = self.config.train.lr * factor
 
     def step(self, batch: dict) -> dict[str, float]:
         """One discriminator and one generator update on ``batch``."""
@@ -355,6 +377,7 @@ class Trainer:
                        disable=not self.world.is_main)
             count = 0
             for batch in bar:
+                self.set_learning_rate(learning_rate_factor(self.config.train, epoch, count, steps))
                 losses = self.step(batch)
                 count += 1
                 for key, value in losses.items():
@@ -371,6 +394,7 @@ class Trainer:
             row = {"epoch": epoch, **{k: v / max(count, 1) for k, v in totals.items()}}
             for index, p in enumerate(dropout_probabilities(self.generator), start=1):
                 row[f"p_{index}"] = p
+            row["lr"] = self.optimizer_g.param_groups[0]["lr"]  # at the epoch's last step
             row["seconds"] = time.perf_counter() - started
             if self.world.is_main:  # the log first: a rerun of this epoch replaces its row
                 self.append_log(row)
