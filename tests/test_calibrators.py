@@ -266,3 +266,20 @@ def test_unusable_calibrator_files_give_one_line_errors_naming_the_file(tmp_path
     other_arm = tmp_path / "other_arm.safetensors"
     save_calibrator(fitted, other_arm, name="isotonic", arm="mc")
     assert "was fitted for arm 'mc', not 'concrete'" in _io_error(other_arm, arm="concrete")
+
+
+def test_voxels_with_round_off_std_are_left_out_of_the_fit_so_they_cannot_dominate_it():
+    from uqsynth.calibration.sigma_scaling import SigmaScaling
+    from uqsynth.pipeline import resolved_spread
+
+    rng = np.random.default_rng(0)
+    std = np.full(100_000, 0.02)
+    std[:12] = 1e-8  # every MC sample agreed up to float32 round-off
+    truth = rng.normal(0.0, 3 * 0.02, std.shape)  # the model's std is 3x too small
+    mean = np.zeros_like(truth)
+    usable = resolved_spread(std, np.ones_like(std, dtype=bool))
+    assert usable.sum() == std.size - 12
+    everything = SigmaScaling().fit(mean, std, truth)
+    resolved = SigmaScaling().fit(mean[usable], std[usable], truth[usable])
+    assert everything.scale_ > 100  # what a dozen round-off voxels do to the Gaussian fit
+    assert resolved.scale_ == pytest.approx(3.0, rel=0.02)

@@ -132,6 +132,13 @@ def test_smoke_applies_defaults_then_the_files_own_table():
     assert load(raw).train.epochs == 40
 
 
+def test_smoke_derives_the_load_size_again_for_its_own_image_size():
+    raw = {**ARMS, "data": {"image_size": 64, "load_size": 64}}
+    assert load(raw).data.load_size == 64
+    assert load(raw, smoke=True).data.load_size == 36  # 32 * 286/256, not 64 (a zoom of 2)
+    assert load(raw, "data.load_size=40", smoke=True).data.load_size == 40
+
+
 def test_resolved_config_round_trips_through_toml(tmp_path):
     config = load({**ARMS, "data": {"phantom": {"subjects": 5}}}, "train.epochs=3")
     path = tmp_path / "config.toml"

@@ -285,6 +285,8 @@ def config_from_dict(
     if smoke:
         for key, value in SMOKE_OVERRIDES.items():
             _set_path(raw, key, value, origins, origin="--smoke")
+        # A load size chosen for the full-size slices does not fit the smoke ones: derive it again.
+        raw.get("data", {}).pop("load_size", None)
         if "smoke" in profiles:
             apply_profile("smoke", "--smoke")
     for item, key, value in parsed:

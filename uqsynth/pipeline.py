@@ -38,6 +38,7 @@ from uqsynth.data.slices import EvalVolume, TrainSlices
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.distributed import SINGLE, World, all_reduce_calibrator, close_world, init_world
 from uqsynth.errors import ConfigError, UserError
+from uqsynth.metrics import STD_FLOOR
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
 from uqsynth.run_directory import RunLock, check_existing_run, clear_run, remove_stale_temporaries
@@ -219,6 +220,11 @@ def calibration_subjects(context: RunContext) -> list[str]:
     return subjects[: calibration.max_subjects] if calibration.max_subjects else list(subjects)
 
 
+def resolved_spread(std: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """The brain voxels whose predicted std is resolved (>= :data:`~uqsynth.metrics.STD_FLOOR`): what calibrators fit on."""
+    return brain & (std >= STD_FLOOR)
+
+
 def stage_calibrate(context: RunContext) -> None:
     """Fit every configured calibrator per arm, streaming voxel batches, one subject at a time.
 
@@ -254,7 +260,7 @@ def stage_calibrate(context: RunContext) -> None:
             evaluation = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size)
             maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
             brain = evaluation.native_mask()
-            usable = brain & (maps["std"] > 0)
+            usable = resolved_spread(maps["std"], brain)
             degenerate += int(brain.sum() - usable.sum())
             if not usable.any():  # counted in `degenerate` above
                 continue
@@ -280,7 +286,8 @@ def stage_calibrate(context: RunContext) -> None:
             for name, calibrator in calibrators.items():
                 save_calibrator(calibrator, out_dir / f"{name}.safetensors", name=name, arm=arm_name)
         world.barrier()
-        note = f"; {degenerate} brain voxels with zero predicted std left out" if degenerate else ""
+        note = (f"; {degenerate} brain voxels whose predicted std is below {STD_FLOOR:g} (MC samples equal to "
+                f"round-off) left out" if degenerate else "")
         context.say(f"arm {arm_name}: fitted {', '.join(calibrators)} on {voxels} voxels of {len(subjects)} "
                     f"{config.calibration.subjects} subject(s) in {time.perf_counter() - started:.1f} s{note}")
 

@@ -29,6 +29,7 @@ from uqsynth.metrics.compare import paired_ttest, triage
 from uqsynth.metrics.evaluate import CohortEvaluator, evaluate_subject
 from uqsynth.metrics.levels import correlation, nrmse, nstd, slice_level, voxel_pairs
 from uqsynth.metrics.scores import (
+    STD_FLOOR,
     CRPSAccumulator,
     IntervalAccumulator,
     NLLAccumulator,
@@ -42,6 +43,7 @@ from uqsynth.metrics.sparsification import SparsificationAccumulator, ause, spar
 
 __all__ = [
     "DEFAULT_LEVELS",
+    "STD_FLOOR",
     "CRPSAccumulator",
     "CalibrationCurveAccumulator",
     "CohortEvaluator",

@@ -26,6 +26,7 @@ from uqsynth.metrics.calibration import DEFAULT_LEVELS, CalibrationCurveAccumula
 from uqsynth.metrics.compare import triage
 from uqsynth.metrics.levels import correlation, nrmse, nstd, slice_level, voxel_pairs
 from uqsynth.metrics.scores import (
+    STD_FLOOR,
     DEFAULT_INTERVAL_LEVELS,
     CRPSAccumulator,
     IntervalAccumulator,
@@ -42,6 +43,7 @@ def _interval_from_quantiles(quantile_fn: QuantileFn) -> IntervalFn:
         return quantile_fn(mean, std, tail), quantile_fn(mean, std, 1.0 - tail)
 
     return interval
+
 
 
 class _Settings:
@@ -148,7 +150,7 @@ def evaluate_subject(
     interval_levels: tuple[float, ...] = DEFAULT_INTERVAL_LEVELS,
     calibration_levels: np.ndarray = DEFAULT_LEVELS,
     scale: float = 255.0,
-    std_floor: float = 1e-6,
+    std_floor: float = STD_FLOOR,
 ) -> dict:
     """Every per-subject metric, as a JSON-ready dict.
 
@@ -221,7 +223,7 @@ class CohortEvaluator:
         interval_levels: tuple[float, ...] = DEFAULT_INTERVAL_LEVELS,
         calibration_levels: np.ndarray = DEFAULT_LEVELS,
         scale: float = 255.0,
-        std_floor: float = 1e-6,
+        std_floor: float = STD_FLOOR,
         sparsification_bins: int = 4096,
         key_range: tuple[float, float] = (1e-6, 1.0),
         voxel_points: int = 20000,

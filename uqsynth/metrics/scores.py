@@ -46,6 +46,15 @@ Why 39: each level costs one call of the quantile function on every voxel
 already within 0.15 % of the exact Gaussian CRPS (99: 0.04 %; 19: 0.4 %).
 """
 
+STD_FLOOR = 1e-6
+"""Predictive std (normalized [0, 1] scale) below which a voxel has no resolved spread.
+
+Its T Monte Carlo samples agree to float32 round-off. The probabilistic
+scores floor the std here, and the calibrate stage leaves such voxels out of
+the fit: an error divided by a round-off std is meaningless, and a dozen of
+them can dominate a Gaussian fit over a million voxels.
+"""
+
 
 def crps_levels(count: int = DEFAULT_CRPS_LEVELS_COUNT) -> np.ndarray:
     """The midpoint grid ``(k - 0.5) / count``, ``k = 1..count``, of the quantile-based CRPS."""
@@ -66,7 +75,7 @@ def crps_gaussian(
     std: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    std_floor: float = 1e-6,
+    std_floor: float = STD_FLOOR,
     scale: float = 255.0,
 ) -> float:
     """Mean CRPS of N(mean, std^2) inside ``mask``, exact (``properscoring.crps_gaussian``), on ``[0, scale]``.
@@ -116,7 +125,7 @@ def gaussian_nll(
     std: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    std_floor: float = 1e-6,
+    std_floor: float = STD_FLOOR,
     scale: float = 255.0,
 ) -> float:
     """Mean Gaussian negative log-likelihood inside ``mask``, of the density on ``[0, scale]``.
@@ -211,7 +220,7 @@ class CRPSAccumulator(_SumAccumulator):
         *,
         quantile_fn: QuantileFn | None = None,
         levels: np.ndarray | None = None,
-        std_floor: float = 1e-6,
+        std_floor: float = STD_FLOOR,
         scale: float = 255.0,
     ) -> None:
         super().__init__()
@@ -239,7 +248,7 @@ class CRPSAccumulator(_SumAccumulator):
 class NLLAccumulator(_SumAccumulator):
     """Streaming mean Gaussian NLL (see :func:`gaussian_nll`)."""
 
-    def __init__(self, *, std_floor: float = 1e-6, scale: float = 255.0) -> None:
+    def __init__(self, *, std_floor: float = STD_FLOOR, scale: float = 255.0) -> None:
         super().__init__()
         if not std_floor > 0:
             raise ValueError(f"std_floor must be positive, got {std_floor}")
