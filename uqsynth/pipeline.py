@@ -221,7 +221,7 @@ def calibration_subjects(context: RunContext) -> list[str]:
 
 
 def resolved_spread(std: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """The brain voxels whose predicted std is resolved (>= :data:`~uqsynth.metrics.STD_FLOOR`): what calibrators fit on."""
+    """The brain voxels calibrators fit on: those whose std is resolved (>= :data:`~uqsynth.metrics.STD_FLOOR`)."""
     return brain & (std >= STD_FLOOR)
 
 
