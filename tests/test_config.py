@@ -57,6 +57,7 @@ def test_integer_accepted_for_float():
         ("data.image_size", 0, "data.image_size must be >= 8, found 0"),
         ("sampling.samples", 1, "sampling.samples must be >= 2, found 1"),
         ("train.lr", 0.0, "train.lr must be > 0.0, found 0.0"),
+        ("train.ema_decay", 1.0, "train.ema_decay must be < 1.0, found 1.0"),
     ],
 )
 def test_out_of_range_values_are_refused(key, value, expected):

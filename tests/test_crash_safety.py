@@ -41,6 +41,7 @@ discriminator = { name = "patchgan", ndf = 8 }
 [train]
 epochs = 4
 lr_decay_epochs = 2    # so that some kills land mid-decay
+ema_decay = 0.9       # the weight average must survive the kill too
 batch_size = 4
 max_steps_per_epoch = 6
 

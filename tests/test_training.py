@@ -133,6 +133,32 @@ def test_learning_rate_decay_shows_in_the_log(tmp_path):
     assert rates == pytest.approx([2e-4, 2e-4 * 4 / 6, 2e-4 / 6])
 
 
+def test_the_moving_average_of_the_generator_replaces_its_trained_weights(tmp_path):
+    from uqsynth.config import load_config
+    from uqsynth.pipeline import RunContext, prepare
+    from uqsynth.plugins import get_host
+    from uqsynth.training import Trainer
+
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(TINY.replace("max_steps_per_epoch = 3", "max_steps_per_epoch = 3\nema_decay = 0.5"))
+    host = get_host()
+    config = load_config(config_path, host=host)
+    context = RunContext(config, host, tmp_path / "run", torch.device("cpu"))
+    prepare(context)
+    trainer = Trainer(config, "concrete", context.models["concrete"], context.train_set,
+                      tmp_path / "run" / "concrete", torch.device("cpu"))
+    expected = None
+    for batch in trainer.batches(1):
+        trainer.step(batch)
+        now = {k: v.clone() for k, v in trainer.generator.state_dict().items() if v.is_floating_point()}
+        # The first step's weights start the average; each later step moves it halfway (decay 0.5).
+        expected = now if expected is None else {k: 0.5 * expected[k] + 0.5 * now[k] for k in now}
+    trainer.use_average()
+    averaged = trainer.generator.state_dict()
+    assert all(torch.allclose(averaged[k], expected[k], atol=1e-7) for k in expected)
+    assert not all(torch.equal(averaged[k], now[k]) for k in now)  # not the last step's weights
+
+
 def test_phantom_command_writes_subjects_the_brats_loader_reads(tmp_path):
     out = tmp_path / "P"
     assert main(["phantom", "--out", str(out), "--subjects", "3", "--seed", "1"]) == 0

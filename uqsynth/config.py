@@ -115,6 +115,12 @@ class TrainConfig:
         metadata={"doc": "Final epochs over which the learning rate falls linearly towards 0 "
                          "(pix2pix's n_epochs_decay); 0 keeps it fixed (the paper).", "min": 0},
     )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"doc": "Per-step decay of an exponential moving average of the generator's weights, which "
+                         "replaces the trained weights at the end; 0 keeps the last weights (the paper).",
+                  "min": 0.0, "max_exclusive": 1.0},
+    )
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999], metadata={"doc": "Adam betas."})
     lambda_l1: float = field(default=100.0, metadata={"doc": "Weight of L1(fake, real).", "min": 0.0})
     lambda_kl: float = field(default=100.0, metadata={"doc": "Weight of the stochastic layers' KL terms.", "min": 0.0})

@@ -79,6 +79,8 @@ def describe_run(
         f"{data.image_size}x{data.image_size} slices (load {data.load_size}), "
         f"{config.train.epochs} epoch(s), batch {config.train.batch_size}, T={config.sampling.samples}"
     )
+    if config.train.ema_decay:
+        scale += f", generator weight average (decay {config.train.ema_decay:g})"
     model = config.model
     lines = [
         f"uqsynth {uqsynth.__version__}: run '{config.run.name}'{' (smoke)' if smoke else ''} -> {out} on {device}",

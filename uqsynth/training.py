@@ -7,8 +7,9 @@ plus ``lambda_l1 * L1`` plus ``lambda_kl * sum of the stochastic layers'
 regularizers``.
 
 Checkpoints are written atomically after every epoch and hold everything
-needed to continue exactly (weights, optimizer states, every process's RNG
-states), as safetensors with a checksum beside them
+needed to continue exactly (weights, optimizer states, the moving average of
+the generator's weights when ``train.ema_decay`` asks for one, every
+process's RNG states), as safetensors with a checksum beside them
 (:mod:`uqsynth.model_files`), so loading one never unpickles code. The
 final generator is also saved on its own for sampling and sharing.
 """
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -249,6 +251,15 @@ class Trainer:
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=train.lr, betas=betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=train.lr, betas=betas)
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
+        # An exponential moving average of the generator (weights and BatchNorm statistics), updated
+        # after every generator step. Adversarial training at a high learning rate makes the weights
+        # oscillate from step to step; their average is the steadier estimate, and it replaces the
+        # trained weights when the arm is done (:meth:`use_average`).
+        self.average: AveragedModel | None = None
+        if train.ema_decay > 0:
+            self.average = AveragedModel(
+                self.generator, multi_avg_fn=get_ema_multi_avg_fn(train.ema_decay), use_buffers=True
+            )
         self.epoch = 0
 
     def _parallel(self, network: nn.Module) -> nn.Module:
@@ -297,6 +308,8 @@ class Trainer:
         self.scaler.scale(terms["total"]).backward()
         self.scaler.step(self.optimizer_g)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update_parameters(self.generator)
         losses = {f"loss_g_{k}": float(v.detach()) for k, v in terms.items()}
         losses["loss_d"] = float(loss_d.detach())
         return losses
@@ -346,6 +359,7 @@ class Trainer:
         if self.load_checkpoint():
             if self.epoch >= epochs:
                 self.log(f"arm {self.arm_name}: already trained ({self.epoch} epochs), skipping")
+                self.use_average()
                 if self.world.is_main and not (self.out_dir / GENERATOR_WEIGHTS).exists():
                     self.save_generator()  # killed between the checkpoint and the export
                 return 0
@@ -406,6 +420,7 @@ class Trainer:
                 f"(L1 {row['loss_g_l1']:.4f}, KL {row['loss_g_kl']:.3g}), D {row['loss_d']:.4f}{p_text}, "
                 f"{row['seconds']:.1f} s"
             )
+        self.use_average()
         if self.world.is_main:
             self.save_generator()
         self.world.barrier()
@@ -462,6 +477,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng,
         }
+        if self.average is not None:
+            state["generator_average"] = self.average.state_dict()
         save_state(self.out_dir / CHECKPOINT, state, {"arm": self.arm_name})
 
     def load_checkpoint(self) -> bool:
@@ -486,6 +503,13 @@ class Trainer:
         self.optimizer_g.load_state_dict(state["optimizer_g"])
         self.optimizer_d.load_state_dict(state["optimizer_d"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.average is not None:
+            if "generator_average" not in state:
+                raise ConfigError(
+                    f"{path}: this checkpoint was trained without train.ema_decay, so it has no weight average "
+                    "to continue; resume with train.ema_decay = 0 or start a new --out"
+                )
+            self.average.load_state_dict(state["generator_average"])
         self.epoch = int(state["epoch"])
         if int(state["world_size"]) == self.world.size:
             set_rng_state(state["rng"][self.world.rank])
@@ -496,6 +520,14 @@ class Trainer:
             )
             seed_everything(self.config.run.seed * 1000 + self.epoch, self.world.rank)
         return True
+
+    def use_average(self) -> None:
+        """Put the moving average's weights into the generator (with ``train.ema_decay``; else nothing).
+
+        Called once the arm is trained, so the exported weights and every later stage use the average.
+        """
+        if self.average is not None:
+            self.generator.load_state_dict(self.average.module.state_dict())
 
     def save_generator(self) -> None:
         """The trained generator as safetensors with its checksum (loads without executing code)."""
