@@ -133,20 +133,25 @@ def test_learning_rate_decay_shows_in_the_log(tmp_path):
     assert rates == pytest.approx([2e-4, 2e-4 * 4 / 6, 2e-4 / 6])
 
 
-def test_the_moving_average_of_the_generator_replaces_its_trained_weights(tmp_path):
+def tiny_trainer(tmp_path, train_lines: str):
+    """A Trainer for TINY's concrete arm with ``train_lines`` added to its [train] table."""
     from uqsynth.config import load_config
     from uqsynth.pipeline import RunContext, prepare
     from uqsynth.plugins import get_host
     from uqsynth.training import Trainer
 
     config_path = tmp_path / "tiny.toml"
-    config_path.write_text(TINY.replace("max_steps_per_epoch = 3", "max_steps_per_epoch = 3\nema_decay = 0.5"))
+    config_path.write_text(TINY.replace("max_steps_per_epoch = 3", f"max_steps_per_epoch = 3\n{train_lines}"))
     host = get_host()
     config = load_config(config_path, host=host)
     context = RunContext(config, host, tmp_path / "run", torch.device("cpu"))
     prepare(context)
-    trainer = Trainer(config, "concrete", context.models["concrete"], context.train_set,
-                      tmp_path / "run" / "concrete", torch.device("cpu"))
+    return Trainer(config, "concrete", context.models["concrete"], context.train_set,
+                   tmp_path / "run" / "concrete", torch.device("cpu"))
+
+
+def test_the_moving_average_of_the_generator_replaces_its_trained_weights(tmp_path):
+    trainer = tiny_trainer(tmp_path, "ema_decay = 0.5")
     expected = None
     for batch in trainer.batches(1):
         trainer.step(batch)
@@ -157,6 +162,17 @@ def test_the_moving_average_of_the_generator_replaces_its_trained_weights(tmp_pa
     averaged = trainer.generator.state_dict()
     assert all(torch.allclose(averaged[k], expected[k], atol=1e-7) for k in expected)
     assert not all(torch.equal(averaged[k], now[k]) for k in now)  # not the last step's weights
+
+
+def test_a_checkpoint_without_a_weight_average_is_not_resumed_with_one(tmp_path):
+    from uqsynth.errors import ConfigError
+
+    plain = tiny_trainer(tmp_path, "")
+    plain.out_dir.mkdir(parents=True)
+    plain.save_checkpoint()
+    averaging = tiny_trainer(tmp_path, "ema_decay = 0.9")
+    with pytest.raises(ConfigError, match="trained without train.ema_decay, so it has no weight average"):
+        averaging.load_checkpoint()
 
 
 def test_phantom_command_writes_subjects_the_brats_loader_reads(tmp_path):
