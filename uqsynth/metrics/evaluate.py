@@ -45,7 +45,6 @@ def _interval_from_quantiles(quantile_fn: QuantileFn) -> IntervalFn:
     return interval
 
 
-
 class _Settings:
     """Options shared by :func:`evaluate_subject` and :class:`CohortEvaluator`, validated once."""
 
