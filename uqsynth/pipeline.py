@@ -36,31 +36,15 @@ from uqsynth.config import Config, PluginSpec, dumps_config, load_config
 from uqsynth.data.base import Dataset
 from uqsynth.data.slices import EvalVolume, TrainSlices
 from uqsynth.data.split import Split, split_subjects
+from uqsynth.devices import resolve_device
 from uqsynth.distributed import SINGLE, World, all_reduce_calibrator, close_world, init_world
 from uqsynth.errors import ConfigError, UserError
 from uqsynth.metrics import STD_FLOOR
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
+from uqsynth.predict import load_arm, posterior_maps, sampler_options, write_maps
 from uqsynth.run_directory import RunLock, check_existing_run, clear_run, remove_stale_temporaries
 from uqsynth.training import ArmModels, Trainer, build_arm, dropout_probabilities, seed_everything
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU; a requested CUDA device must exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f'run.device: expected "auto", "cpu" or "cuda[:i]", found {spec!r}') from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"run.device: {spec} requested but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"run.device: {spec} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type != "cpu":
-        raise ConfigError(f'run.device: expected "auto", "cpu" or "cuda[:i]", found {spec!r}')
-    return device
 
 
 def describe_plugin(spec: PluginSpec) -> str:
@@ -192,8 +176,6 @@ def stage_sample(context: RunContext) -> None:
     Resumable per subject: volumes whose two files exist are not sampled
     again. Under torchrun each rank samples and writes its share of the subjects.
     """
-    from uqsynth.predict import posterior_maps, sampler_options, write_maps
-
     config, world = context.config, context.world
     for arm_name in config.arms:
         out_dir = context.out_dir / arm_name / "predictions"
@@ -205,7 +187,7 @@ def stage_sample(context: RunContext) -> None:
             if all((out_dir / f"{subject_id}_{name}.nii.gz").exists() for name in ("mean", "std")):
                 continue
             volumes = context.dataset.load(subject_id)
-            evaluation = EvalVolume(volumes, image_size=config.data.image_size)
+            evaluation = EvalVolume(volumes, image_size=config.data.image_size, load_size=config.data.load_size)
             maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
             write_maps({name: maps[name] for name in ("mean", "std")}, volumes, out_dir, subject_id)
             done += 1
@@ -239,8 +221,6 @@ def stage_calibrate(context: RunContext) -> None:
     every voxel gathered and fitted on rank 0.
     """
     from uqsynth.calibration.io import save_calibrator
-    from uqsynth.predict import posterior_maps, sampler_options
-
     config, world = context.config, context.world
     subjects = calibration_subjects(context)
     for arm_name in config.arms:
@@ -259,7 +239,8 @@ def stage_calibrate(context: RunContext) -> None:
             name: [] for name, calibrator in calibrators.items() if not isinstance(calibrator, StreamingCalibrator)
         }
         for subject_id in world.shard(subjects):
-            evaluation = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size)
+            evaluation = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size,
+                                    load_size=config.data.load_size)
             maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
             brain = evaluation.native_mask()
             usable = resolved_spread(maps["std"], brain)
@@ -433,8 +414,6 @@ def _claim_run_directory(context: RunContext, *, force: bool) -> RunLock:
 
 def run_report(run_dir: str | Path) -> int:
     """``uqsynth report RUN``: evaluate and report again from the saved predictions (no sampling)."""
-    from uqsynth.predict import load_arm
-
     run_dir = Path(run_dir)
     config_path = run_dir / "config.toml"
     if not config_path.is_file():

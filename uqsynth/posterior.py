@@ -14,7 +14,10 @@ benchmarks) goes through :class:`PosteriorSampler`, which
   al.'s parallel form of Welford's update, in float32 or float64), so memory
   does not grow with T; samples or empirical quantiles are kept only on request;
 - is reproducible: a seed fixes every dropout mask, whatever the device's
-  free memory, because the batch sizes depend only on the configured budget.
+  free memory, because the batch sizes depend only on the configured budget;
+  given a volume's key (its subject id), the masks derive from the seed and
+  that key (:func:`volume_seed`), so two subjects never share their masks
+  and a subject's masks do not depend on which process samples it.
 
 Running the prefix once is exact: the repeated prefix output is the same
 tensor each full pass would compute, and the masks are drawn in the same
@@ -24,6 +27,7 @@ order as a full pass over the repeated batch (the prefix draws none).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -174,20 +178,28 @@ class PosteriorSampler:
 
     # ------------------------------------------------------------------ public
 
-    def sample(self, source: torch.Tensor) -> Posterior:
-        """Posterior summaries for ``source`` slices ``(n, C, H, W)``."""
-        results = list(self.iter_chunks(source))
+    def sample(self, source: torch.Tensor, key: str | None = None) -> Posterior:
+        """Posterior summaries for ``source`` slices ``(n, C, H, W)``; ``key`` as in :meth:`iter_chunks`."""
+        results = list(self.iter_chunks(source, key))
         cat = lambda name: (  # noqa: E731
             None if getattr(results[0], name) is None else torch.cat([getattr(r, name) for r in results])
         )
         return Posterior(cat("mean"), cat("variance"), cat("samples"), cat("quantiles"))
 
-    def iter_chunks(self, source: torch.Tensor) -> Iterator[Posterior]:
-        """Like :meth:`sample`, chunk by chunk of slices (for progress bars and streaming writes)."""
+    def iter_chunks(self, source: torch.Tensor, key: str | None = None) -> Iterator[Posterior]:
+        """Like :meth:`sample`, chunk by chunk of slices (for progress bars and streaming writes).
+
+        Args:
+            source: Slices ``(n, C, H, W)``, one volume's or any batch.
+            key: What the slices are (a subject id): the masks are seeded by
+                :func:`volume_seed` of the options' seed and ``key``, so
+                every volume gets its own. ``None`` seeds with the options'
+                seed alone (every call then draws the same masks).
+        """
         if source.dim() != 4:
             raise ValueError(f"expected slices of shape (n, C, H, W), got {tuple(source.shape)}")
         options = self.options
-        with self._sampling_state():
+        with self._sampling_state(self.options.seed if key is None else volume_seed(self.options.seed, key)):
             per_pass = self.slice_samples_per_pass(source[:1])
             slices_per_chunk = max(1, per_pass // options.samples)
             samples_per_pass = min(options.samples, per_pass)
@@ -252,17 +264,29 @@ class PosteriorSampler:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     @contextlib.contextmanager
-    def _sampling_state(self) -> Iterator[None]:
-        """Eval mode, stochastic layers on, and a private RNG seeded for reproducibility."""
+    def _sampling_state(self, seed: int) -> Iterator[None]:
+        """Eval mode, stochastic layers on, and a private RNG seeded with ``seed`` for reproducibility."""
         was_training = self.generator.training
         devices = [self.device] if self.device.type == "cuda" else []
         self.generator.eval()
         try:
             with torch.random.fork_rng(devices=devices), sampling(self.generator):
-                torch.manual_seed(self.options.seed)
+                torch.manual_seed(seed)
                 yield
         finally:
             self.generator.train(was_training)
+
+
+def volume_seed(seed: int, key: str) -> int:
+    """The dropout-mask seed of the volume ``key`` in a run seeded ``seed``.
+
+    A hash, not ``seed + index``: it depends on nothing but the two values
+    (not on the order or the process that samples the volume), and nearby
+    seeds or ids give unrelated streams. 63 bits, within what
+    :func:`torch.manual_seed` accepts.
+    """
+    digest = hashlib.sha256(f"uqsynth-masks:{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def gaussian_interval(mean: torch.Tensor, std: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ scanner's intensity range.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from collections.abc import Sequence
@@ -28,9 +29,10 @@ from tqdm import tqdm
 from uqsynth.calibration.base import Calibrator
 from uqsynth.config import Config, load_config
 from uqsynth.data.base import SubjectVolumes
-from uqsynth.data.brats import find_source_only
+from uqsynth.data.brats import CONTRASTS, ROLES, find_source_only
 from uqsynth.data.nifti import is_nifti, load_volume, save_like
 from uqsynth.data.slices import ROBUST_PERCENTILE, EvalVolume
+from uqsynth.devices import resolve_device
 from uqsynth.errors import ConfigError, DataError
 from uqsynth.model_files import load_tensors
 from uqsynth.models.base import Generator
@@ -102,18 +104,19 @@ def posterior_maps(
     one. Values are on the normalized [0, 1] scale; everything is zero
     outside the brain mask.
     """
-    means, stds = [], []
-    chunks = sampler.iter_chunks(evaluation.source)
-    bar = tqdm(total=len(evaluation), desc=evaluation.subject_id, unit="slice", leave=False,
-               file=sys.stderr, disable=not progress)
+    means, variances = [], []
+    chunks = sampler.iter_chunks(evaluation.source, key=evaluation.subject_id)
+    bar = tqdm(total=len(evaluation.source), desc=evaluation.subject_id, unit="tile" if len(evaluation.tiles) > 1
+               else "slice", leave=False, file=sys.stderr, disable=not progress)
     for chunk in chunks:
-        # The generator works in [-1, 1]; the normalized scale is [0, 1].
-        means.append((chunk.mean + 1) / 2)
-        stds.append(chunk.std / 2)
+        means.append(chunk.mean)
+        variances.append(chunk.variance)
         bar.update(chunk.mean.shape[0])
     bar.close()
-    mean = evaluation.to_native(torch.cat(means))
-    std = evaluation.to_native(torch.cat(stds))
+    mean, variance = evaluation.assemble(torch.cat(means), torch.cat(variances))
+    # The generator works in [-1, 1]; the normalized scale is [0, 1].
+    mean = evaluation.to_native((mean + 1) / 2)
+    std = evaluation.to_native(variance.clamp_min(0).sqrt() / 2)
     mask = evaluation.native_mask()
     if calibrator is None:
         lower, upper = (bound.numpy() for bound in gaussian_interval(torch.from_numpy(mean), torch.from_numpy(std), level))
@@ -168,13 +171,38 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def collect_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
-    """``(stem, file)`` for every ``--input``: NIfTI files, or BraTS-style folders of subjects."""
+def source_contrast(config: Config, host: PluginHost | None = None) -> str | None:
+    """The generic name (``t1``, ``t2``, ``flair``, ``t1ce``) of the contrast a run's model was trained on.
+
+    Taken from the dataset plugin's ``source`` option (its default when the
+    run did not set it), or from the plugin's ``source_contrast`` attribute
+    (the phantom's is ``t1``); ``None`` when the dataset does not say.
+    """
+    host = host or get_host()
+    factory = host["dataset"].get(config.data.source).factory
+    parameter = inspect.signature(factory).parameters.get("source")
+    default = parameter.default if parameter is not None else None
+    value = config.data.options.get(config.data.source, {}).get("source", default)
+    if value in CONTRASTS:
+        return value
+    return getattr(factory, "source_contrast", None)
+
+
+def collect_inputs(inputs: Sequence[str], contrast: str | None = "t1") -> list[tuple[str, Path]]:
+    """``(stem, file)`` for every ``--input``: NIfTI files, or BraTS-style folders of subjects.
+
+    A folder gives each subject's file of ``contrast``, the model's own
+    source contrast: feeding a T2w-trained model its subjects' T1w would be
+    silently wrong. ``None`` (the run's dataset does not say) refuses folders.
+    """
     found: list[tuple[str, Path]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found.extend(find_source_only(path, contrast="t1").items())
+            if contrast is None:
+                raise DataError(f"--input {path}: the model's training data does not name its source contrast, "
+                                "so a folder's subjects cannot be matched to it; pass the NIfTI files themselves")
+            found.extend(find_source_only(path, contrast=contrast).items())
         elif not path.exists():
             raise DataError(f"--input {path}: no such file or directory")
         elif not is_nifti(path):
@@ -207,8 +235,6 @@ def run_predict(
     calibrator: str | None = None,
 ) -> int:
     """``uqsynth predict``: validate everything first, then write four maps per input volume."""
-    from uqsynth.pipeline import resolve_device
-
     if not 0.0 < level < 1.0:
         raise ConfigError(f"--level must be in (0, 1), found {level}")
     if samples is not None and samples < 2:
@@ -218,8 +244,9 @@ def run_predict(
     torch_device = resolve_device(device or arm.config.run.device)
     # Read and check every input before writing anything.
     volumes: list[tuple[str, SubjectVolumes]] = []
-    for stem, path in collect_inputs(inputs):
-        image = load_volume(path, role="T1w", subject_id=stem)
+    contrast = source_contrast(arm.config)
+    for stem, path in collect_inputs(inputs, contrast):
+        image = load_volume(path, role=ROLES.get(contrast, "source"), subject_id=stem)
         volumes.append((stem, SubjectVolumes(
             subject_id=stem, source=image.array, target=None, mask=image.array != 0,
             affine=image.affine, header=image.header, source_path=path,
@@ -238,7 +265,8 @@ def run_predict(
           file=sys.stderr)
     for stem, subject in volumes:
         started = time.perf_counter()
-        evaluation = EvalVolume(subject, image_size=arm.config.data.image_size)
+        data = arm.config.data
+        evaluation = EvalVolume(subject, image_size=data.image_size, load_size=data.load_size)
         maps = posterior_maps(sampler, evaluation, level=level, progress=True,
                               calibrator=fitted[1] if fitted else None)
         maps = {name: (array * scale).astype(np.float32) for name, array in maps.items()}

@@ -29,7 +29,8 @@ from uqsynth.errors import ConfigError, DataError
 CONTRASTS = ("t1", "t2", "flair", "t1ce")
 
 #: How messages name each contrast.
-_ROLE = {"t1": "T1w", "t2": "T2w", "flair": "FLAIR", "t1ce": "T1ce", "seg": "seg"}
+ROLES = {"t1": "T1w", "t2": "T2w", "flair": "FLAIR", "t1ce": "T1ce", "seg": "seg"}
+_ROLE = ROLES
 
 
 @dataclass(frozen=True)

@@ -800,6 +800,9 @@ class PhantomDataset(Dataset):
         DataError: A parameter is out of range (the message names it).
     """
 
+    #: The generic name of the source contrast (``uqsynth predict`` reads a BraTS folder's files of it).
+    source_contrast = "t1"
+
     _CACHE_SIZE = 2
 
     def __init__(

@@ -24,9 +24,14 @@ From a subject's volumes to the network's inputs and back:
 4. **Resizing**: bilinear (``align_corners=False``, no antialiasing) from the
    native in-plane size to ``load_size`` (paper: 286) and a random
    ``image_size`` crop (paper: 256) for training, with no flipping (the paper
-   does not flip). Evaluation resizes straight to ``image_size`` and back to
-   the native size, so outputs land on the input's own grid. Non-square
-   slices are stretched to square and back, as pix2pix does.
+   does not flip). Evaluation and prediction see the training scale: slices
+   are resized to ``load_size`` too, and the generator runs on overlapping
+   ``image_size`` tiles that cover the whole slice (:class:`EvalVolume`), so
+   anatomy is exactly as large as in training (resizing straight to
+   ``image_size`` would show it ``image_size / load_size`` times smaller:
+   12 % for the paper's 256/286). Outputs are resized back to the native
+   size, so they land on the input's own grid. Non-square slices are
+   stretched to square and back, as pix2pix does.
 
 Network tensors are in [-1, 1] (the generator ends in Tanh);
 :func:`to_model_range` / :func:`from_model_range` convert.
@@ -34,6 +39,7 @@ Network tensors are in [-1, 1] (the generator ends in Tanh);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -366,12 +372,49 @@ class TrainSlices(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- evaluation
 
 
+def tile_offsets(length: int, size: int) -> list[int]:
+    """Corners of the ``size`` tiles that cover ``length`` pixels, overlapping by at least half a tile.
+
+    One tile when ``length == size``; otherwise evenly spaced from 0 to
+    ``length - size``, at most ``size // 2`` apart, so every pixel lies in
+    a tile's inner half but at the slice's own border.
+    """
+    if length < size:
+        raise ConfigError(f"load_size ({length}) must be at least image_size ({size})")
+    if length == size:
+        return [0]
+    count = math.ceil((length - size) / max(1, size // 2)) + 1
+    return [int(v) for v in np.linspace(0, length - size, count).round()]
+
+
+def tile_window(size: int) -> torch.Tensor:
+    """``(size, size)`` blending weights of a tile: 1 inside, falling linearly over its outer eighth.
+
+    Tile borders are where a fully convolutional network sees least context;
+    the ramp lets the neighbouring tile's inner part take over there without
+    a seam. Never zero, so a slice border covered by one tile keeps it.
+    """
+    ramp = max(1.0, size / 8)
+    edge = torch.minimum(torch.arange(size), torch.arange(size).flip(0)).float()
+    line = ((edge + 1) / ramp).clamp(max=1.0)
+    return line[:, None] * line[None, :]
+
+
 class EvalVolume:
     """All axial slices of one subject at network size, and the way back to its grid.
 
     Every slice is covered (brainless ones too: their input is background
-    and their prediction maps back to zero), resized straight to
-    ``image_size`` without cropping.
+    and their prediction maps back to zero). Slices are resized to
+    ``load_size``, the scale the network was trained at (training crops
+    ``image_size`` tiles out of ``load_size`` slices). When the two differ,
+    the network input is a stack of overlapping ``image_size`` tiles per
+    slice (:func:`tile_offsets`, slice-major), and :meth:`assemble` blends
+    the tiles' predictive means and variances into one slice of
+    ``load_size``: the predictive over tile placements, a mixture (mean
+    ``sum w_i mu_i``, variance ``sum w_i (var_i + mu_i^2) - mean^2`` with
+    :func:`tile_window` weights normalized per pixel), as the network was
+    trained on every placement. With ``load_size == image_size`` there is
+    one tile, and the result is the plain resize of earlier versions.
 
     Attributes:
         subject_id: The subject's id.
@@ -387,19 +430,30 @@ class EvalVolume:
     Args:
         volumes: The loaded subject (``target`` may be ``None`` for prediction).
         image_size: Network input size (paper: 256).
+        load_size: The training scale slices are resized to (paper: 286);
+            ``None``: ``image_size`` (one tile per slice).
         percentile: Percentile of brain voxels used as each slice's robust maximum.
     """
 
     def __init__(
-        self, volumes: SubjectVolumes, *, image_size: int = IMAGE_SIZE, percentile: float = ROBUST_PERCENTILE
+        self,
+        volumes: SubjectVolumes,
+        *,
+        image_size: int = IMAGE_SIZE,
+        load_size: int | None = None,
+        percentile: float = ROBUST_PERCENTILE,
     ) -> None:
-        _check_sizes(image_size)
+        load_size = image_size if load_size is None else load_size
+        _check_sizes(image_size, load_size)
         _check_volumes(volumes, need_target=False)
         self.subject_id = volumes.subject_id
         self.shape = tuple(volumes.source.shape)
         self.affine = volumes.affine
         self.header = volumes.header
         self.image_size = image_size
+        self.load_size = load_size
+        offsets = tile_offsets(load_size, image_size)
+        self.tiles = [(top, left) for top in offsets for left in offsets]
         self._native_mask = to_axial_slices(volumes.mask.astype(bool), volumes.affine)
         self.native_size = tuple(self._native_mask.shape[1:])
         self._source_native, self.source_scale = normalize_slices(
@@ -412,23 +466,60 @@ class EvalVolume:
                 to_axial_slices(volumes.target, volumes.affine), self._native_mask, percentile
             )
             self.target = self._to_network(self._target_native)
-        mask = resize(torch.from_numpy(self._native_mask.astype(np.float32))[:, None], image_size)
-        self.mask = mask >= 0.5
+        mask = resize(torch.from_numpy(self._native_mask.astype(np.float32))[:, None], load_size)
+        self.mask = self._tile(mask) >= 0.5
 
     def _to_network(self, normalized: np.ndarray) -> torch.Tensor:
-        images = resize(torch.from_numpy(normalized)[:, None], self.image_size)
-        return to_model_range(images.clamp(0.0, 1.0)).contiguous()
+        images = resize(torch.from_numpy(normalized)[:, None], self.load_size)
+        return self._tile(to_model_range(images.clamp(0.0, 1.0))).contiguous()
+
+    def _tile(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, 1, L, L)`` -> ``(n * tiles, 1, S, S)``, each slice's tiles together."""
+        if len(self.tiles) == 1:
+            return images
+        size = self.image_size
+        tiles = [images[:, :, top : top + size, left : left + size] for top, left in self.tiles]
+        return torch.stack(tiles, dim=1).flatten(0, 1)
+
+    def assemble(self, mean: torch.Tensor, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-tile predictive ``(n * tiles, 1, S, S)`` -> per-slice ``(n, 1, L, L)`` mean and variance.
+
+        The mixture over tile placements (see the class docstring); with one
+        tile, the inputs themselves.
+        """
+        if len(self.tiles) == 1:
+            return mean, variance
+        n, size, length = len(self), self.image_size, self.load_size
+        expected = (n * len(self.tiles), 1, size, size)
+        if tuple(mean.shape) != expected or tuple(variance.shape) != expected:
+            raise ValueError(f"expected tile predictions of shape {expected}, got {tuple(mean.shape)}")
+        window = tile_window(size).to(mean.device, torch.float64)
+        weight = torch.zeros(length, length, dtype=torch.float64, device=mean.device)
+        first = torch.zeros(n, 1, length, length, dtype=torch.float64, device=mean.device)
+        second = torch.zeros_like(first)
+        mean = mean.double().view(n, len(self.tiles), 1, size, size)
+        variance = variance.double().view(n, len(self.tiles), 1, size, size)
+        for index, (top, left) in enumerate(self.tiles):
+            where = (slice(top, top + size), slice(left, left + size))
+            mu = mean[:, index]
+            weight[where] += window
+            first[(..., *where)] += window * mu
+            second[(..., *where)] += window * (variance[:, index].clamp_min(0) + mu * mu)
+        blended = first / weight
+        mixture = (second / weight - blended * blended).clamp_min(0)
+        return blended.float(), mixture.float()
 
     def __len__(self) -> int:
         return len(self._native_mask)
 
     def batches(self, batch_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yield ``(slices, source_batch)`` in order; ``slices`` indexes the axial stack."""
+        """Yield ``(slices, source_batch)`` in order; ``slices`` indexes the axial stack, the batch holds their tiles."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive; got {batch_size}")
+        tiles = len(self.tiles)
         for start in range(0, len(self), batch_size):
             where = slice(start, min(start + batch_size, len(self)))
-            yield where, self.source[where]
+            yield where, self.source[where.start * tiles : where.stop * tiles]
 
     def to_native(self, pred_slices: torch.Tensor | np.ndarray, *, rescale: bool = False) -> np.ndarray:
         """Map network-sized slices back to a volume in the input's own grid.
@@ -437,9 +528,10 @@ class EvalVolume:
         so it serves mean maps, std maps and errors alike.
 
         Args:
-            pred_slices: ``(n, 1, S, S)`` or ``(n, S, S)`` in the normalized [0, 1]
-                scale (use :func:`from_model_range` on generator outputs; halve a
-                std computed in [-1, 1]).
+            pred_slices: ``(n, 1, L, L)`` or ``(n, L, L)`` at ``load_size``, in the
+                normalized [0, 1] scale (use :func:`from_model_range` on generator
+                outputs; halve a std computed in [-1, 1]; tile predictions go
+                through :meth:`assemble` first).
             rescale: Multiply each slice by the target's robust maximum, giving
                 the target's original intensity units (needs a target).
 
@@ -449,7 +541,7 @@ class EvalVolume:
         pred = torch.as_tensor(pred_slices, dtype=torch.float32).detach().cpu()
         if pred.ndim == 3:
             pred = pred[:, None]
-        expected = (len(self), 1, self.image_size, self.image_size)
+        expected = (len(self), 1, self.load_size, self.load_size)
         if tuple(pred.shape) != expected:
             raise ValueError(f"expected predictions of shape {expected}, got {tuple(pred.shape)}")
         native = resize_back(pred, self.native_size)[:, 0].numpy()
@@ -483,4 +575,5 @@ class EvalVolume:
         return from_axial_slices(masked, self.affine, self.shape)
 
     def __repr__(self) -> str:
-        return f"EvalVolume({self.subject_id!r}, shape={self.shape}, slices={len(self)}, image_size={self.image_size})"
+        return (f"EvalVolume({self.subject_id!r}, shape={self.shape}, slices={len(self)}, "
+                f"image_size={self.image_size}, load_size={self.load_size}, tiles={len(self.tiles)})")
