@@ -107,3 +107,25 @@ def test_report_command_rebuilds_identical_metrics_without_sampling(finished, ca
 def test_report_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: not a run directory (no config.toml)"
+
+
+def test_figure_titles_do_not_overlap_the_panel_titles(finished, monkeypatch):
+    """Fig. 3 and 4 carry a figure title above panels with titles of their own: nothing drawn over another."""
+    import uqsynth.report
+
+    drawn = {}
+    save = uqsynth.report._save
+
+    def keep(figure, path):
+        if figure.get_suptitle():
+            figure.canvas.draw()
+            drawn[path.name] = (figure._suptitle.get_window_extent(),
+                                [ax.title.get_window_extent() for ax in figure.axes if ax.get_title()])
+        return save(figure, path)
+
+    monkeypatch.setattr(uqsynth.report, "_save", keep)
+    assert main(["report", str(finished)]) == 0
+    titled = {name: boxes for name, boxes in drawn.items() if name.startswith(("fig3_", "fig4_"))}
+    assert len(titled) == 4
+    for name, (title, panels) in titled.items():
+        assert panels and not any(title.overlaps(panel) for panel in panels), name

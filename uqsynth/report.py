@@ -69,7 +69,8 @@ def figure_examples(name: str, evaluation: ArmEvaluation, path: Path) -> Path:
     columns = [("T1w", example["source"], 1.0), ("true T2w", example["truth"], 1.0),
                ("synthesized T2w", example["mean"], 1.0), ("|error|", error, 0.5),
                ("uncertainty (std)", example["std"], max(float(example["std"].max()), 1e-6))]
-    figure, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.2 * len(rows)))
+    figure, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.2 * len(rows)),
+                                layout="constrained")  # room for the figure title above the panels'
     for r, index in enumerate(rows):
         for c, (title, volume, vmax) in enumerate(columns):
             image = np.take(volume, index, axis=axis).T[::-1]  # superior-up display of the axial plane
@@ -96,7 +97,7 @@ def figure_levels(name: str, evaluation: ArmEvaluation, path: Path) -> Path:
         ("slice", [a for a, _ in slices], [b for _, b in slices], "nSTD", "nRMSE", levels["slice"]),
         ("volume", [a for a, _ in volumes], [b for _, b in volumes], "nSTD", "nRMSE", levels["volume"]),
     ]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6), layout="constrained")  # room for the figure title
     for ax, (title, x, y, xlabel, ylabel, stats) in zip(axes, panels):
         ax.scatter(x, y, s=2 if title.startswith("voxel") else 10, alpha=0.4 if title.startswith("voxel") else 0.8)
         pearson = stats.get("pearson")
