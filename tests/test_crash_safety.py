@@ -103,6 +103,8 @@ def progress(stderr: str) -> tuple[int, int, int] | None:
 
 
 ARMS = ("mc", "concrete")
+#: Environment variable that fixes the random kill step (its value is printed by every run of the test).
+KILL_SEED_ENV = "UQSYNTH_KILL_SEED"
 PROGRESS = re.compile(r"\b(mc|concrete) (\d+)/4:[^|]*\|[^|]*\| (\d+)/6")
 
 
@@ -111,8 +113,11 @@ def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(con
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     # A random training step (arm, epoch, step) before the last epoch; the run is killed as soon as its
     # progress bar shows it: mid-step, mid-checkpoint or between epochs and arms.
-    rng = random.Random()
+    # Replay a failure with the seed it printed: UQSYNTH_KILL_SEED=<seed> pytest tests/test_crash_safety.py
+    seed = int(os.environ.get(KILL_SEED_ENV) or random.SystemRandom().randrange(2**32))
+    rng = random.Random(seed)
     target = (rng.randrange(2), rng.randint(1, 3), rng.randint(0, 6))
+    print(f"kill at (arm, epoch, step) {target}; replay with {KILL_SEED_ENV}={seed}")
     process = subprocess.Popen(command(config_file, out), stderr=subprocess.PIPE, env=env)
     seen, started = "", time.monotonic()
     while process.poll() is None and time.monotonic() - started < 120:
@@ -124,11 +129,12 @@ def test_sigkill_at_a_random_step_then_rerun_gives_the_uninterrupted_weights(con
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     process.stderr.close()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before the kill at {target}"
-    assert not (out / "concrete" / "generator.safetensors").exists(), f"the kill at {target} came after training"
+    replay = f"{KILL_SEED_ENV}={seed}"
+    assert process.returncode == -signal.SIGKILL, f"the run ended before the kill at {target} ({replay})"
+    assert not (out / "concrete" / "generator.safetensors").exists(), f"the kill at {target} came after training ({replay})"
 
     rerun = subprocess.run(command(config_file, out), capture_output=True, text=True, env=env, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert rerun.returncode == 0, f"{replay}: {rerun.stderr[-2000:]}"
     assert_same_weights(uninterrupted, out)
     assert not list(out.rglob(".*.tmp*")), "temporary files of writes the kill interrupted are cleaned up"
 
