@@ -59,6 +59,66 @@ plugin factory of a wrong type   run       plugin "wrong" registered stochastic_
 calibrator of another arm        predict   calibrator file RUN/concrete_dropout/calibrators/isotonic.safetensors
                                            was fitted for arm 'mc_dropout', not 'concrete_dropout'
 calibrator of another arm        report    the same line; no file of RUN changes
+bad concrete weight_term         run       C: arms.cd.stochastic_layer.weight_term: expected one of 'consuming',
+                                           'preceding', found a string 'after' (in test_layers.py)
+broken link in the data root     run       broken symbolic link R/S03 -> T (its target does not exist)
+                                           (in test_bad_inputs_data.py, as the rows below)
+head volume (not skull-stripped) run       subject S01: T1w file R/S01/S01_t1.nii.gz is not skull-stripped (...):
+                                           its nonzero voxels (the brain mask) fill 95% of the volume ...;
+                                           skull-strip it, or give a brain mask file (the brats dataset's mask ...)
+raw scanner T1 (noisy air)       run       subject S02: T1w file ... is not skull-stripped (...): ... fill 100% ...
+z-scored volume                  run       subject S01: T2w file ...: 50.0% of its brain voxels are negative
+                                           (...), but magnitude MRI is nonnegative: ...; give magnitude images
+head volume                      predict   subject mni: T1w file F is not skull-stripped (...); skull-strip it ...
+huge shape in a tiny .nii        run       subject S01: cannot read T2w file R/S01/S01_t2.nii: its header claims
+                                           shape (2000, 2000, 2000) (8e+09 voxels), more than any MRI volume ...
+huge shape in a tiny .nii.gz     run       ... its header claims shape (4000, 4000, 4000) ...
+header lie in a .nii / .nii.gz   (load)    ...: its header claims shape (20, 24, 17) of float32 (32,992 bytes
+                                           with the header), but the file holds 31,072 bytes; it is truncated ...
+nan / inf in the configuration   run       --set train.lr=nan: train.lr must be a finite number, found nan
+                                           (also inf, -inf in C, sampling.memory_budget_mb, a plugin's z_max;
+                                           in test_bad_inputs_numbers.py, as the rows below)
+diverging training (lr 1e10)     run       arm mc: training diverged in epoch 1 after step 1: tensor
+                                           /discriminator/model.3.running_var holds 0 NaN and 16 infinite
+                                           values; lower train.lr (now 1e+10) and rerun with --force; ...
+NaN loss in a later epoch        (train)   ... in epoch 2 at step 1: the generator's adversarial loss (...) is
+                                           nan; ..., or keep the 1 good epoch(s) with --set train.epochs=1 ...
+NaN in generator.safetensors     predict   --model RUN/mc: generator weights RUN/mc/generator.safetensors is
+                                           unusable: its tensor downs.1.conv.weight holds 1 NaN and 0 ...
+Inf in a calibrator file         predict   calibrator file .../sigma_scaling.safetensors is unusable: its tensor
+                                           sum_sq_ holds 0 NaN and 1 infinite values (...)
+NaN maps (weights that overflow) predict   t1: map mean holds ... NaN ..., so none of its maps was written (...)
+negative / huge run.seed         run       --set run.seed=-1: run.seed must be >= 0, found -1
+                                           (2**40: run.seed must be < 4294967296)
+calibrator param out of range    run       C: calibration.calibrators[0].bins must be >= 1, found 0 (also
+                                           sigma_scaling min_scale = -0.5, conformal low = 0)
+conformal low above high         run       C: calibration.calibrators[0]: low must be below high, found
+                                           low = 2.0, high = 1.0
+misspelt hook name               run       plugin "typo" implements unknown hook uqsynth_register_calibrator
+                                           (did you mean ...?): PluginValidationError: unknown hook '...' ...
+hook with a wrong argument       run       plugin "args" cannot be registered: PluginValidationError: ...;
+                                           Argument(s) {'registr'} are declared in the hookimpl but ...
+--out is a data folder           run       --out D holds files that no uqsynth run recorded (notes/.draft.tmp);
+                                           uqsynth writes only into a new or empty folder or a run directory
+                                           of its own, ...: choose another --out (in test_bad_inputs_state.py,
+                                           as the rows below)
+user's file in an arm's folder   run       --out RUN: mc/.mine.tmp was not written by uqsynth, but this run
+                                           writes there (arm mc's folder); move it away, ... (also with --force)
+output over an input             predict   --out d: the output d/a_std.nii.gz would replace the input
+                                           d/a_std.nii.gz (--input); choose another --out (also through a
+                                           symlink or .., over --rescale-like REF or a file of --model)
+subject added / changed / gone   run       --out RUN: the run there was trained on other data: subject S00 is
+                                           new; the split would move S02 from train to test; pass --force to
+                                           retrain it from scratch, or choose another --out
+split.json edited                run       --out RUN: the run's split.json was edited: split.json puts S1 in
+                                           test, the data and configuration in train; pass --force ...
+split.json missing               run       --out RUN: the run there holds trained state (mc/...) but no
+                                           split.json saying which subjects it was trained on; ...
+predictions of other weights     run       --out RUN: arm mc's predictions and calibrators were made by another
+                                           generator than mc/generator.safetensors (sha256 1a2b.. then, 3c4d..
+                                           now); pass --force ...
+test subject changed / edited    report    RUN: the run there was trained on other data: subject S01 changed
+                                           content; `uqsynth run` with --force retrains it
 ===============================  ========  ===========================================================
 """
 

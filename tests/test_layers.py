@@ -8,13 +8,16 @@ import math
 
 import pytest
 import torch
+from test_bad_inputs import assert_named, refused, write_config
 from uqsynth.testing.layer_contract import LAYER_CHECKS, check_stochastic_layer, check_unbiased, parametrize_with_checks
 from torch import nn
 
+from uqsynth.errors import PluginError
 from uqsynth.layers import (
     ConcreteDropout,
     MCDropout,
     StochasticLayer,
+    WeightSlice,
     sampling,
     set_sampling,
     stochastic_layers,
@@ -96,14 +99,17 @@ def test_loss_through_sampling_concrete_dropout_reaches_p_logit():
     assert torch.isfinite(layer.p_logit.grad) and layer.p_logit.grad.abs() > 0
 
 
-def test_regularizer_alone_gives_a_gradient_on_p_logit_and_attached_weights():
-    layer = ConcreteDropout(init_p=0.1)
-    conv = nn.Conv2d(3, 3, 3)
-    layer.attach_weights([conv.weight])
+@pytest.mark.parametrize("weight_term", ["consuming", "preceding"])
+def test_regularizer_alone_gives_a_gradient_on_p_logit_and_the_chosen_weights_only(weight_term):
+    layer = ConcreteDropout(init_p=0.1, weight_term=weight_term)
+    before, after = nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 3)
+    layer.attach_weights(preceding=[before.weight], consuming=[after.weight])
     layer(torch.randn(1, 3, 4, 4))  # sampling off: only K is recorded
     layer.regularizer().backward()
+    chosen, other = (after, before) if weight_term == "consuming" else (before, after)
     assert layer.p_logit.grad is not None and layer.p_logit.grad.abs() > 0
-    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert chosen.weight.grad is not None and chosen.weight.grad.abs().sum() > 0
+    assert other.weight.grad is None
 
 
 def test_entropy_term_pushes_p_towards_one_half():
@@ -126,31 +132,72 @@ SQUARED_NORM = 24.0
 NEG_ENTROPY_02 = 0.2 * math.log(0.2) + 0.8 * math.log(0.8)  # -0.500402...
 
 
+def _attach_with_decoy(layer: ConcreteDropout, weights: list[nn.Parameter], weight_term: str) -> None:
+    """Attach ``weights`` as ``weight_term`` and a large decoy as the other kind, which must not count."""
+    decoy = [nn.Parameter(torch.full((7,), 100.0))]
+    chosen = {"preceding": decoy, "consuming": decoy, weight_term: weights}
+    layer.attach_weights(**chosen)
+
+
+@pytest.mark.parametrize("weight_term", ["consuming", "preceding"])
 @pytest.mark.parametrize(
     ("k", "dimensionality"),
     [("channels", 3), ("elements", 3 * 5 * 6)],
 )
 @pytest.mark.parametrize(("weight_reg", "dropout_reg"), [(1e-6, 1e-5), (1e-2, 1e-3)])
-def test_regularizer_equals_eq_4_4_by_hand(k, dimensionality, weight_reg, dropout_reg):
-    layer = ConcreteDropout(init_p=0.2, k=k, weight_reg=weight_reg, dropout_reg=dropout_reg)
-    layer.attach_weights([nn.Parameter(torch.full((3, 2, 4, 4), 0.5))])
+def test_regularizer_equals_eq_4_4_by_hand(k, dimensionality, weight_reg, dropout_reg, weight_term):
+    layer = ConcreteDropout(init_p=0.2, k=k, weight_reg=weight_reg, dropout_reg=dropout_reg, weight_term=weight_term)
+    _attach_with_decoy(layer, [nn.Parameter(torch.full((3, 2, 4, 4), 0.5))], weight_term)
     layer(torch.ones(2, 3, 5, 6))  # C = 3, H = 5, W = 6 (distinct, so C*H*W cannot be confused)
     expected = weight_reg * SQUARED_NORM / (1 - 0.2) + dropout_reg * dimensionality * NEG_ENTROPY_02
     assert layer.regularizer().item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_regularizer_paper_defaults_number():
+def test_regularizer_paper_defaults_number_uses_the_consuming_weights():
     # Written out once in full for the paper's defaults (weight_reg 1e-6, dropout_reg 1e-5, K = 3):
-    # 1e-6 * 24 / 0.8 + 1e-5 * 3 * (-0.5004024235) = 3.0e-5 - 1.50120727e-5.
+    # 1e-6 * 24 / 0.8 + 1e-5 * 3 * (-0.5004024235) = 3.0e-5 - 1.50120727e-5. The default
+    # weight_term is Gal et al.'s "consuming"; the preceding decoy would add 1e-6 * 70000 / 0.8.
     layer = ConcreteDropout(init_p=0.2)
-    layer.attach_weights([nn.Parameter(torch.full((3, 2, 4, 4), 0.5))])
+    _attach_with_decoy(layer, [nn.Parameter(torch.full((3, 2, 4, 4), 0.5))], "consuming")
     layer(torch.ones(1, 3, 4, 4))
     assert layer.regularizer().item() == pytest.approx(1.49879273e-5, rel=1e-5)
 
 
+def test_regularizer_of_a_slice_counts_only_its_channels():
+    # A next layer reading cat[skip, h]: weight (4, 2, 4, 4), h owns input channels 1..3 (dim 0).
+    weight = nn.Parameter(torch.cat([torch.full((1, 2, 4, 4), 9.0), torch.full((3, 2, 4, 4), 0.5)]))
+    layer = ConcreteDropout(init_p=0.2)
+    layer.attach_weights(consuming=[WeightSlice(weight, dim=0, start=1)])
+    layer(torch.ones(1, 3, 4, 4))
+    expected = 1e-6 * 24.0 / 0.8 + 1e-5 * 3 * NEG_ENTROPY_02  # the 9.0 channel is the skip's: not counted
+    assert layer.regularizer().item() == pytest.approx(expected, rel=1e-5)
+    layer.regularizer().backward()
+    assert bool((weight.grad[0] == 0).all()) and bool((weight.grad[1:] != 0).all())
+
+
+def test_a_host_attaching_only_preceding_weights_is_refused_not_silently_unregularized():
+    # A generator written for the one-argument attach_weights([w]) gives no consuming weights.
+    layer = ConcreteDropout()
+    layer.attach_weights([nn.Parameter(torch.ones(3, 2, 4, 4))])
+    layer(torch.ones(1, 3, 4, 4))
+    with pytest.raises(PluginError, match="weight_term = 'consuming'.*set weight_term = 'preceding'"):
+        layer.regularizer()
+    old_style = ConcreteDropout(weight_term="preceding")
+    old_style.attach_weights([nn.Parameter(torch.ones(3, 2, 4, 4))])
+    old_style(torch.ones(1, 3, 4, 4))
+    assert old_style.regularizer().item() > 0
+
+
+def test_weight_slices_refuse_an_empty_or_outside_range():
+    weight = nn.Parameter(torch.ones(4, 2, 4, 4))
+    for bad in ({"dim": 4}, {"start": 4}, {"start": 2, "stop": 2}, {"stop": 5}):
+        with pytest.raises(ValueError, match="weight of shape"):
+            WeightSlice(weight, **bad)
+
+
 def test_regularizer_sums_several_attached_tensors():
     layer = ConcreteDropout(init_p=0.2)
-    layer.attach_weights([nn.Parameter(torch.full((3, 2, 4, 4), 0.5)), nn.Parameter(torch.full((2,), 2.0))])
+    layer.attach_weights(consuming=[nn.Parameter(torch.full((3, 2, 4, 4), 0.5)), nn.Parameter(torch.full((2,), 2.0))])
     layer(torch.ones(1, 3, 4, 4))
     expected = 1e-6 * (24.0 + 8.0) / 0.8 + 1e-5 * 3 * NEG_ENTROPY_02
     assert layer.regularizer().item() == pytest.approx(expected, rel=1e-5)
@@ -265,9 +312,10 @@ def test_sampling_in_eval_mode_leaves_batchnorm_statistics_alone(dropout):
         lambda: ConcreteDropout(temperature=-0.1),
         lambda: ConcreteDropout(weight_reg=-1e-6),
         lambda: ConcreteDropout(k="pixels"),
+        lambda: ConcreteDropout(weight_term="next"),
     ],
     ids=["mc-p=1", "mc-p=-0.1", "concrete-init_p=0", "concrete-init_p=1", "temperature=0",
-         "temperature<0", "weight_reg<0", "k=pixels"],
+         "temperature<0", "weight_reg<0", "k=pixels", "weight_term=next"],
 )
 def test_invalid_parameters_raise_value_error(build):
     with pytest.raises(ValueError):
@@ -276,9 +324,10 @@ def test_invalid_parameters_raise_value_error(build):
 
 def test_total_regularizer_sums_the_layer_terms():
     torch.manual_seed(0)
-    first, second, mc = ConcreteDropout(init_p=0.2), ConcreteDropout(init_p=0.4, k="elements"), MCDropout(p=0.5)
+    first, mc = ConcreteDropout(init_p=0.2), MCDropout(p=0.5)
+    second = ConcreteDropout(init_p=0.4, k="elements", weight_term="preceding")
     conv = nn.Conv2d(3, 3, 1)
-    second.attach_weights([conv.weight])
+    second.attach_weights(preceding=[conv.weight])
     model = nn.Sequential(first, conv, second, nn.Sequential(mc))
     model(torch.randn(1, 3, 4, 4))
     assert list(stochastic_layers(model)) == [first, second, mc]
@@ -322,41 +371,55 @@ def test_set_sampling_reaches_nested_layers():
 # --------------------------------------------------------------------------- attached weights
 
 
-def _conv_then_dropout() -> nn.Sequential:
-    conv = nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1)
+def _conv_dropout_conv() -> nn.Sequential:
+    """conv -> dropout -> next conv; the dropout regularizes next's input channels 1.. (a stand-in skip owns 0)."""
+    conv, after = nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1), nn.Conv2d(2, 2, 1)
     dropout = ConcreteDropout()
-    dropout.attach_weights([conv.weight])
-    return nn.Sequential(conv, dropout)
+    dropout.attach_weights(preceding=[conv.weight], consuming=[WeightSlice(after.weight, dim=1, start=1)])
+    return nn.Sequential(conv, dropout, after)
 
 
-def test_attached_weights_belong_to_the_preceding_layer_not_to_the_dropout():
-    model = _conv_then_dropout()
-    conv, dropout = model
-    assert dropout.attached_weights[0] is conv.weight
+def _reads(view: torch.Tensor, parameter: nn.Parameter) -> bool:
+    """Whether ``view`` is input channels 1.. of ``parameter`` as it is now (same storage, same values)."""
+    return view.data_ptr() == parameter[:, 1:].data_ptr() and torch.equal(view, parameter[:, 1:])
+
+
+def test_attached_weights_belong_to_the_neighbouring_layers_not_to_the_dropout():
+    model = _conv_dropout_conv()
+    conv, dropout, after = model
+    assert dropout.preceding_weights[0] is conv.weight
+    assert _reads(dropout.consuming_weights[0], after.weight)
     assert set(dropout.state_dict()) == {"p_logit"}
     assert [id(p) for p in dropout.parameters()] == [id(dropout.p_logit)]
-    assert set(model.state_dict()) == {"0.weight", "0.bias", "1.p_logit"}
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "1.p_logit", "2.weight", "2.bias"}
 
 
-def test_deepcopy_keeps_the_copy_pointing_at_its_own_conv_weight():
-    model = _conv_then_dropout()
-    clone = copy.deepcopy(model)
-    assert clone[1].attached_weights[0] is clone[0].weight
-    assert clone[1].attached_weights[0] is not model[0].weight
-    # Behaviourally: changing the copy's conv changes the copy's regularizer only.
+def test_deepcopy_keeps_the_copy_pointing_at_its_own_weights():
+    model = _conv_dropout_conv()
+    clone = copy.deepcopy(model)  # what the weight average (AveragedModel) does
+    assert clone[1].preceding_weights[0] is clone[0].weight
+    assert _reads(clone[1].consuming_weights[0], clone[2].weight)
+    # Behaviourally: changing the copy's next conv changes the copy's regularizer only.
     x = torch.ones(1, 3, 2, 2)
     model(x), clone(x)
     before = model[1].regularizer().item()
     with torch.no_grad():
-        clone[0].weight.mul_(10)
+        clone[2].weight.mul_(10)
     assert model[1].regularizer().item() == before
     assert clone[1].regularizer().item() > before
 
 
-def test_dtype_conversion_keeps_the_attachment():
-    model = _conv_then_dropout().double()
-    assert model[1].attached_weights[0] is model[0].weight
-    assert model[1].attached_weights[0].dtype == torch.float64
+def test_dtype_conversion_and_load_state_dict_keep_the_slice_live():
+    model = _conv_dropout_conv().double()  # swaps each parameter's storage: a stored view would go stale
+    assert model[1].preceding_weights[0] is model[0].weight
+    assert _reads(model[1].consuming_weights[0], model[2].weight)
+    assert model[1].consuming_weights[0].dtype == torch.float64
+    torch.manual_seed(1)
+    other = _conv_dropout_conv().double()
+    model.load_state_dict(other.state_dict())
+    x = torch.ones(1, 3, 2, 2, dtype=torch.float64)
+    model(x), other(x)
+    assert model[1].regularizer().item() == pytest.approx(other[1].regularizer().item(), rel=1e-12)
 
 
 def test_base_class_sample_must_be_implemented():
@@ -364,3 +427,16 @@ def test_base_class_sample_must_be_implemented():
     assert torch.equal(layer(torch.ones(2)), torch.ones(2))
     with sampling(layer), pytest.raises(NotImplementedError):
         layer(torch.ones(2))
+
+
+# --------------------------------------------------------------------------- weight_term in a configuration
+
+
+def test_a_bad_weight_term_in_the_config_is_one_line_naming_the_key(tmp_path, capsys):
+    arms = {"cd": {"stochastic_layer": {"name": "concrete_dropout", "weight_term": "after"}, "positions": [2, 3]}}
+    config = write_config(tmp_path / "c.toml", arms=arms)
+    out = tmp_path / "out"
+    line = refused(capsys, "run", str(config), "--out", str(out), "--device", "cpu")
+    assert_named(line, f"{config}: arms.cd.stochastic_layer.weight_term: expected one of 'consuming', 'preceding', "
+                       "found a string 'after'")
+    assert not out.exists()

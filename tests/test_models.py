@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from uqsynth.layers import ConcreteDropout
 from uqsynth.layers.base import StochasticLayer, sampling
 from uqsynth.models.base import Discriminator, Generator
 from uqsynth.models.init import init_weights
@@ -150,8 +154,91 @@ def test_unet_stochastic_layers_get_the_preceding_transposed_conv_weight():
     for position, layer in zip((2, 3), model.stochastic_layers()):
         conv = model.ups[position - 1].conv
         assert isinstance(conv, nn.ConvTranspose2d)
-        assert len(layer.attached_weights) == 1
-        assert layer.attached_weights[0] is conv.weight
+        assert len(layer.preceding_weights) == 1
+        assert layer.preceding_weights[0] is conv.weight
+
+
+def _reader_of(model: UnetGenerator, layer: StochasticLayer) -> tuple[nn.ConvTranspose2d, slice]:
+    """The first ConvTranspose2d that runs after ``layer``, and which of its input channels are ``layer``'s output.
+
+    Found from a forward pass alone: the order the modules run in, and where the
+    layer's (ReLU'd) output sits among the next convolution's input channels.
+    """
+    order, inputs = [], {}
+
+    def record(module, args, out):
+        order.append(module)
+        inputs[module] = (args[0], out)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.ConvTranspose2d) or m is layer]
+    with torch.no_grad():
+        model(torch.randn(2, 1, model.image_size, model.image_size, generator=torch.Generator().manual_seed(3)))
+    for hook in hooks:
+        hook.remove()
+    after = next(m for m in order[order.index(layer):] if isinstance(m, nn.ConvTranspose2d))
+    dropped, read = torch.relu(inputs[layer][1]), inputs[after][0]
+    channels = dropped.shape[1]
+    [start] = [s for s in range(read.shape[1] - channels + 1) if torch.equal(read[:, s:s + channels], dropped)]
+    return after, slice(start, start + channels)
+
+
+def test_unet_consuming_weights_are_the_next_convs_input_channels_that_read_the_dropout():
+    model = small_unet(stochastic_layer=lambda: ConcreteDropout(init_p=0.3), positions=(1, 2, 3))
+    for layer in model.stochastic_layers():
+        after, channels = _reader_of(model, layer)
+        [consuming] = layer.consuming_weights
+        assert consuming.shape[0] < after.in_channels  # the skip's channels are not part of it
+        assert torch.equal(consuming, after.weight[channels])
+        assert consuming.data_ptr() == after.weight[channels].data_ptr()  # a view of the live weight, not a copy
+
+
+NEG_ENTROPY = lambda p: p * math.log(p) + (1 - p) * math.log(1 - p)  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    ("options", "weight_term"),
+    [({}, "consuming"), ({"weight_term": "consuming"}, "consuming"), ({"weight_term": "preceding"}, "preceding")],
+    ids=["default", "consuming", "preceding"],
+)
+def test_unet_concrete_dropout_regularizer_is_eq_4_4_on_the_chosen_weights(options, weight_term):
+    weight_reg, dropout_reg = 1e-2, 1e-3  # large, so a wrong weight term cannot hide behind the entropy term
+    model = small_unet(
+        stochastic_layer=lambda: ConcreteDropout(init_p=0.3, weight_reg=weight_reg, dropout_reg=dropout_reg, **options),
+        positions=(2, 3),
+    )
+    for position, layer in zip((2, 3), model.stochastic_layers()):
+        after, channels = _reader_of(model, layer)
+        weight = after.weight[channels] if weight_term == "consuming" else model.ups[position - 1].conv.weight
+        p, k = layer.dropout_probability().item(), channels.stop - channels.start  # K: the dropped channels
+        expected = weight_reg * weight.pow(2).sum().item() / (1 - p) + dropout_reg * k * NEG_ENTROPY(p)
+        assert layer.regularizer().item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("weight_term", ["consuming", "preceding"])
+def test_unet_weight_term_gradient_reaches_only_the_chosen_weights(weight_term):
+    model = small_unet(stochastic_layer=lambda: ConcreteDropout(weight_term=weight_term), positions=(2,))
+    [layer] = model.stochastic_layers()
+    (after, channels), before = _reader_of(model, layer), model.ups[1].conv
+    layer.regularizer().backward()
+    if weight_term == "consuming":
+        assert before.weight.grad is None
+        read = torch.zeros(after.in_channels, dtype=torch.bool)
+        read[channels] = True
+        assert bool((after.weight.grad[read] != 0).all())
+        assert bool((after.weight.grad[~read] == 0).all())
+    else:
+        assert after.weight.grad is None
+        assert bool((before.weight.grad != 0).all())
+
+
+def test_unet_weight_average_regularizes_its_own_next_conv():
+    model = small_unet(stochastic_layer=ConcreteDropout, positions=(2,))
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    [layer] = average.module.stochastic_layers()
+    average.module(torch.randn(1, 1, 32, 32))
+    layer.regularizer().backward()
+    assert average.module.ups[2].conv.weight.grad is not None
+    assert model.ups[2].conv.weight.grad is None
 
 
 def test_unet_stochastic_layers_add_no_parameters_and_are_identity_when_not_sampling():

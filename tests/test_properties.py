@@ -54,15 +54,15 @@ def toml_literal(value) -> str:
 
 # ------------------------------------------------------------ configuration and overrides
 
-#: Integer keys and their smallest allowed value.
+#: Integer keys and their allowed range (smallest, largest; None: unbounded).
 INTEGER_KEYS = {
-    "run.seed": None,
-    "data.image_size": 8,
-    "train.epochs": 1,
-    "train.batch_size": 1,
-    "train.max_steps_per_epoch": 0,
-    "sampling.samples": 2,
-    "calibration.max_subjects": 0,
+    "run.seed": (0, 2**32 - 1),  # what numpy and torch both accept as a seed
+    "data.image_size": (8, None),
+    "train.epochs": (1, None),
+    "train.batch_size": (1, None),
+    "train.max_steps_per_epoch": (0, None),
+    "sampling.samples": (2, None),
+    "calibration.max_subjects": (0, None),
 }
 
 #: Number keys and their allowed range, as (low, high, low included, high included).
@@ -77,12 +77,14 @@ NUMBER_KEYS = {
 @PROPERTY
 @given(key=st.sampled_from(sorted(INTEGER_KEYS)), value=st.integers(-(2**63), 2**63 - 1))
 def test_integer_overrides_round_trip_or_name_the_key(key, value):
-    minimum = INTEGER_KEYS[key]
+    minimum, maximum = INTEGER_KEYS[key]
     override = f"{key}={value}"
-    if minimum is None or value >= minimum:
-        assert get(load(ARMS, override), key) == value
-    else:
+    if value < minimum:
         assert error_of(ARMS, override) == f"--set {override}: {key} must be >= {minimum}, found {value}"
+    elif maximum is not None and value > maximum:
+        assert error_of(ARMS, override) == f"--set {override}: {key} must be < {maximum + 1}, found {value}"
+    else:
+        assert get(load(ARMS, override), key) == value
 
 
 @PROPERTY

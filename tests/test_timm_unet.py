@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_stochastic_layers_sit_in_the_decoder_at_the_configured_positions(encode
     layers = model.stochastic_layers()
     assert layers == [model.steps[0].stochastic, model.steps[3].stochastic]
     for position, layer in zip((1, 4), layers):
-        assert layer.attached_weights == [model.steps[position - 1].conv.weight]
+        assert layer.preceding_weights == [model.steps[position - 1].conv.weight]
         assert isinstance(model.steps[position - 1].conv, nn.ConvTranspose2d)
     seen = []
     for layer in layers:
@@ -107,6 +108,53 @@ def test_cached_prefix_equals_the_full_network_with_the_same_masks(encoder, laye
         full = generator(x.repeat_interleave(T, dim=0)).reshape(2, T, 1, 32, 32)
     assert torch.allclose(cached.samples.double(), full, rtol=0, atol=1e-10)
     assert cached.samples.std(dim=1).mean() > 0
+
+
+# --- what concrete dropout regularizes
+
+
+def _reader_of(model: TimmUnetGenerator, layer) -> tuple[nn.Conv2d, slice]:
+    """The first Conv2d that runs after ``layer``, and which of its input channels are ``layer``'s output."""
+    order, seen = [], {}
+
+    def record(module, args, out):
+        order.append(module)
+        seen[module] = (args[0], out)
+
+    hooks = [m.register_forward_hook(record) for m in model.steps.modules() if type(m) is nn.Conv2d or m is layer]
+    with torch.no_grad():
+        model(slices())
+    for hook in hooks:
+        hook.remove()
+    after = next(m for m in order[order.index(layer):] if type(m) is nn.Conv2d)
+    dropped, read = seen[layer][1], seen[after][0]
+    channels = dropped.shape[1]
+    [start] = [s for s in range(read.shape[1] - channels + 1) if torch.equal(read[:, s:s + channels], dropped)]
+    return after, slice(start, start + channels)
+
+
+@pytest.mark.parametrize("weight_term", [None, "consuming", "preceding"], ids=["default", "consuming", "preceding"])
+def test_concrete_dropout_regularizer_is_eq_4_4_on_the_chosen_weights(weight_term):
+    weight_reg, dropout_reg = 1e-2, 1e-3
+    options = {} if weight_term is None else {"weight_term": weight_term}
+    # Position 5 is the full-resolution step, which has no skip: its reader is all of fuse.conv.
+    model = build(layer=lambda: ConcreteDropout(init_p=0.3, weight_reg=weight_reg, dropout_reg=dropout_reg, **options),
+                  positions=(2, 5))
+    for position, layer in zip((2, 5), model.stochastic_layers()):
+        after, channels = _reader_of(model, layer)
+        preceding, consuming = model.steps[position - 1].conv.weight, after.weight
+        weight = preceding if weight_term == "preceding" else consuming[:, channels]  # Conv2d: inputs on dim 1
+        p, k = layer.dropout_probability().item(), channels.stop - channels.start
+        negative_entropy = p * math.log(p) + (1 - p) * math.log(1 - p)
+        expected = weight_reg * weight.pow(2).sum().item() / (1 - p) + dropout_reg * k * negative_entropy
+        assert layer.regularizer().item() == pytest.approx(expected, rel=1e-5)
+        model.zero_grad(set_to_none=True)
+        layer.regularizer().backward()
+        if weight_term == "preceding":
+            assert bool(preceding.grad.ne(0).all()) and consuming.grad is None
+        else:
+            assert bool(consuming.grad[:, channels].ne(0).all()) and preceding.grad is None
+            assert bool(consuming.grad[:, : channels.start].eq(0).all())  # the skip's weights
 
 
 # --- the prefix/suffix split

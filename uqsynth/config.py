@@ -8,6 +8,17 @@ with close matches. Plugin tables (``{ name = "unet", ngf = 64 }``) are
 checked against the registered factory's signature and type hints, so a
 plugin documents its options simply by declaring keyword arguments.
 
+Numbers have one constraint vocabulary, declared where the number is: a
+field below or a factory's keyword argument says
+``Annotated[int, Interval(1, None)]``, and a factory relating two of its
+parameters lists them in ``param_rules`` (``Rule(lambda low, high: low <
+high, ...)``). They are checked when the configuration loads, whatever the
+plugin kind, so ``bins = 0`` is refused before training, not after it; and
+:func:`validate_params` applies the same checks for code (and contract
+suites) that builds a plugin itself. A float that is not finite (``nan``,
+``inf`` are TOML literals) is refused for every key, unless its
+:class:`Interval` says ``infinite=True``.
+
 Overrides (``--set train.epochs=2``) are parsed as TOML literals, falling
 back to a bare string (``--set data.source=phantom``), and applied to the
 raw tables before validation so they get the same checks.
@@ -25,19 +36,101 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
+import numbers
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
 
 from uqsynth.errors import ConfigError, PluginError
 from uqsynth.plugins import PluginHost, close_matches
+
+
+# --------------------------------------------------------------------------- constraints
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The range a number must lie in, declared on the number: ``Annotated[int, Interval(1, None)]``.
+
+    As scikit-learn's ``Interval``: ``None`` leaves a side unbounded and
+    ``closed`` says which bounds belong to the range. Why our own and not
+    ``sklearn.utils._param_validation``: that module is private (no promise
+    it keeps its form), it serves estimators' classes only, while layers,
+    networks and datasets are modules or plain functions, and a type hint
+    puts the range in the signature that :func:`check_params` already reads,
+    with messages naming the configuration file and key.
+
+    Args:
+        low: Smallest allowed value, or None.
+        high: Largest allowed value, or None.
+        closed: Which of ``low`` and ``high`` are allowed themselves.
+        infinite: Let ``inf`` and ``-inf`` through (NaN never passes);
+            every other float must be finite.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    closed: Literal["both", "left", "right", "neither"] = "both"
+    infinite: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """What ``value`` breaks (``"must be >= 1"``), or None when it lies in the range."""
+        if self.low is not None:
+            if self.closed in ("both", "left"):
+                if value < self.low:
+                    return f"must be >= {self.low}"
+            elif value <= self.low:
+                return f"must be > {self.low}"
+        if self.high is not None:
+            if self.closed in ("both", "right"):
+                if value > self.high:
+                    return f"must be <= {self.high}"
+            elif value >= self.high:
+                return f"must be < {self.high}"
+        return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A condition relating parameters of one factory, such as conformal's ``low < high``.
+
+    A factory (class, or function) lists its rules in a ``param_rules``
+    attribute; ``test`` takes the parameters it relates by name and says
+    whether they agree. Rules run after each parameter passed its own
+    constraints, with the defaults of the parameters not set.
+
+    Args:
+        test: A predicate over named parameters, e.g. ``lambda low, high: low < high``.
+        message: What must hold, for the error (``"low must be below high"``).
+    """
+
+    test: Callable[..., bool]
+    message: str
+
+    def names(self) -> list[str]:
+        """The parameters the rule relates (those ``test`` takes)."""
+        return list(inspect.signature(self.test).parameters)
+
+    def problem(self, params: Mapping[str, Any]) -> str | None:
+        """The message and the values, when ``params`` break the rule; None otherwise."""
+        names = self.names()
+        if any(name not in params for name in names):  # e.g. an argument uqsynth injects later
+            return None
+        if self.test(**{name: params[name] for name in names}):
+            return None
+        return f"{self.message}, found " + ", ".join(f"{name} = {params[name]!r}" for name in names)
+
+
+#: Seeds every generator uqsynth seeds accepts (numpy's ``np.random.seed`` is the narrowest).
+SEEDS = Interval(0, 2**32, closed="left")
 
 
 @dataclass
@@ -56,7 +149,9 @@ class RunConfig:
     """``[run]``: identity and reproducibility of a run."""
 
     name: str = field(default="uqsynth", metadata={"doc": "Name shown in logs and the report."})
-    seed: int = field(default=0, metadata={"doc": "Seed for weights, data order, crops and samples."})
+    seed: Annotated[int, SEEDS] = field(
+        default=0, metadata={"doc": "Seed for weights, data order, crops and samples (0 to 2**32 - 1)."}
+    )
     device: str = field(default="auto", metadata={"doc": '"auto" (CUDA when present), "cpu" or "cuda[:i]".'})
 
 
@@ -66,17 +161,17 @@ class DataConfig:
 
     source: str = field(default="phantom", metadata={"doc": "Registered dataset plugin name."})
     root: str | None = field(default=None, metadata={"doc": "Data directory, for datasets that read files."})
-    image_size: int = field(default=256, metadata={"doc": "Side of the square slices the networks see.", "min": 8})
-    load_size: int | None = field(
-        default=None,
-        metadata={"doc": "Resize before the random training crop; default image_size * 286 / 256.", "min": 8},
+    image_size: Annotated[int, Interval(8, None)] = field(
+        default=256, metadata={"doc": "Side of the square slices the networks see."}
     )
-    min_brain_fraction: float = field(
-        default=0.02, metadata={"doc": "Training skips slices with less brain than this.", "min": 0.0, "max": 1.0}
+    load_size: Annotated[int | None, Interval(8, None)] = field(
+        default=None, metadata={"doc": "Resize before the random training crop; default image_size * 286 / 256."}
     )
-    test_fraction: float = field(
-        default=0.2,
-        metadata={"doc": "Fraction of subjects held out for testing.", "min_exclusive": 0.0, "max_exclusive": 1.0},
+    min_brain_fraction: Annotated[float, Interval(0.0, 1.0)] = field(
+        default=0.02, metadata={"doc": "Training skips slices with less brain than this."}
+    )
+    test_fraction: Annotated[float, Interval(0.0, 1.0, closed="neither")] = field(
+        default=0.2, metadata={"doc": "Fraction of subjects held out for testing."}
     )
     test_subjects: list[str] = field(default_factory=list, metadata={"doc": "Explicit test ids (overrides test_fraction)."})
     fallback_profile: str | None = field(
@@ -107,25 +202,34 @@ class ModelConfig:
 class TrainConfig:
     """``[train]``: optimisation, with the paper's values as defaults."""
 
-    epochs: int = field(default=40, metadata={"doc": "Training epochs per arm.", "min": 1})
-    batch_size: int = field(default=16, metadata={"doc": "Slices per step (per process under torchrun).", "min": 1})
-    lr: float = field(default=2e-4, metadata={"doc": "Adam learning rate.", "min_exclusive": 0.0})
-    lr_decay_epochs: int = field(
+    epochs: Annotated[int, Interval(1, None)] = field(default=40, metadata={"doc": "Training epochs per arm."})
+    batch_size: Annotated[int, Interval(1, None)] = field(
+        default=16, metadata={"doc": "Slices per step (per process under torchrun)."}
+    )
+    lr: Annotated[float, Interval(0.0, None, closed="neither")] = field(
+        default=2e-4, metadata={"doc": "Adam learning rate."}
+    )
+    lr_decay_epochs: Annotated[int, Interval(0, None)] = field(
         default=0,
         metadata={"doc": "Final epochs over which the learning rate falls linearly towards 0 "
-                         "(pix2pix's n_epochs_decay); 0 keeps it fixed (the paper).", "min": 0},
+                         "(pix2pix's n_epochs_decay); 0 keeps it fixed (the paper)."},
     )
-    ema_decay: float = field(
+    ema_decay: Annotated[float, Interval(0.0, 1.0, closed="left")] = field(
         default=0.0,
         metadata={"doc": "Per-step decay of an exponential moving average of the generator's weights, which "
-                         "replaces the trained weights at the end; 0 keeps the last weights (the paper).",
-                  "min": 0.0, "max_exclusive": 1.0},
+                         "replaces the trained weights at the end; 0 keeps the last weights (the paper)."},
     )
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999], metadata={"doc": "Adam betas."})
-    lambda_l1: float = field(default=100.0, metadata={"doc": "Weight of L1(fake, real).", "min": 0.0})
-    lambda_kl: float = field(default=100.0, metadata={"doc": "Weight of the stochastic layers' KL terms.", "min": 0.0})
+    lambda_l1: Annotated[float, Interval(0.0, None)] = field(
+        default=100.0, metadata={"doc": "Weight of L1(fake, real)."}
+    )
+    lambda_kl: Annotated[float, Interval(0.0, None)] = field(
+        default=100.0, metadata={"doc": "Weight of the stochastic layers' KL terms."}
+    )
     precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"doc": "Mixed precision for training."})
-    max_steps_per_epoch: int = field(default=0, metadata={"doc": "Cap on steps per epoch; 0 means all.", "min": 0})
+    max_steps_per_epoch: Annotated[int, Interval(0, None)] = field(
+        default=0, metadata={"doc": "Cap on steps per epoch; 0 means all."}
+    )
     sync_batchnorm: bool = field(
         default=False, metadata={"doc": "Under torchrun on GPUs: BatchNorm statistics over all processes (SyncBatchNorm)."}
     )
@@ -139,20 +243,21 @@ class ArmConfig:
     positions: list[int] = field(
         default_factory=lambda: [2, 3, 4], metadata={"doc": "Where to insert it, counted from the bottleneck."}
     )
-    lambda_kl: float | None = field(default=None, metadata={"doc": "Overrides train.lambda_kl for this arm.", "min": 0.0})
+    lambda_kl: Annotated[float | None, Interval(0.0, None)] = field(
+        default=None, metadata={"doc": "Overrides train.lambda_kl for this arm."}
+    )
 
 
 @dataclass
 class SamplingConfig:
     """``[sampling]``: Monte Carlo posterior sampling at test time."""
 
-    samples: int = field(default=20, metadata={"doc": "Forward passes T per slice.", "min": 2})
+    samples: Annotated[int, Interval(2, None)] = field(default=20, metadata={"doc": "Forward passes T per slice."})
     precision: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32", metadata={"doc": "Autocast for sampling (fp16 needs a GPU)."}
     )
-    memory_budget_mb: float | None = field(
-        default=None, metadata={"doc": "Memory for one batch of slice-samples; default 1024 (CPU), 8192 (GPU).",
-                                "min_exclusive": 0.0}
+    memory_budget_mb: Annotated[float | None, Interval(0.0, None, closed="neither")] = field(
+        default=None, metadata={"doc": "Memory for one batch of slice-samples; default 1024 (CPU), 8192 (GPU)."}
     )
     channels_last: bool = field(default=False, metadata={"doc": "Channels-last memory format."})
     compile: bool = field(default=False, metadata={"doc": "torch.compile the stochastic remainder."})
@@ -170,13 +275,11 @@ class CalibrationConfig:
         default="train",
         metadata={"doc": '"train": the training subjects (the paper); "held_out": a separate calibration split.'},
     )
-    held_out_fraction: float = field(
-        default=0.2,
-        metadata={"doc": 'Fraction of subjects in the calibration split when subjects = "held_out".',
-                  "min_exclusive": 0.0, "max_exclusive": 1.0},
+    held_out_fraction: Annotated[float, Interval(0.0, 1.0, closed="neither")] = field(
+        default=0.2, metadata={"doc": 'Fraction of subjects in the calibration split when subjects = "held_out".'}
     )
-    max_subjects: int = field(
-        default=0, metadata={"doc": "Use at most this many calibration subjects (0: all).", "min": 0}
+    max_subjects: Annotated[int, Interval(0, None)] = field(
+        default=0, metadata={"doc": "Use at most this many calibration subjects (0: all)."}
     )
 
 
@@ -220,7 +323,7 @@ class _Origins:
         self.notes: list[str] = []
 
     def where(self, path: str) -> str:
-        parts = path.split(".")
+        parts = re.sub(r"\[\d+\]", "", path).split(".")  # an array's item comes from where the array does
         for end in range(len(parts), 0, -1):
             origin = self.overrides.get(".".join(parts[:end]))
             if origin:
@@ -383,6 +486,8 @@ def _describe(value: Any) -> str:
 
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(typing.get_args(annotation)[0])
     if annotation is int:
         return "an integer"
     if annotation is float:
@@ -406,17 +511,33 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _convert(value: Any, annotation: Any, path: str, origins: _Origins) -> Any:
-    """Check ``value`` against ``annotation``; return it converted (e.g. int -> float)."""
+class _Refused(ConfigError):
+    """A value of the right type that its constraints refuse: a union must not try its other types."""
+
+
+def _convert(value: Any, annotation: Any, path: str, origins: _Origins, *, infinite: bool = False) -> Any:
+    """Check ``value`` against ``annotation`` and its constraints; return it converted (e.g. int -> float).
+
+    ``infinite`` lets ``inf``/``-inf`` through, for an :class:`Interval` that allows them.
+    """
     where = lambda: f"{origins.where(path)}: {path}"  # noqa: E731 - evaluated only on error
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *extras = typing.get_args(annotation)
+        intervals = [extra for extra in extras if isinstance(extra, Interval)]
+        infinite = infinite or any(interval.infinite for interval in intervals)
+        converted = _convert(value, base, path, origins, infinite=infinite)
+        _check_intervals(converted, intervals, path, origins)
+        return converted
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         for option in options:
             try:
-                return _convert(value, option, path, origins)
+                return _convert(value, option, path, origins, infinite=infinite)
+            except _Refused:
+                raise
             except ConfigError:
                 continue
         raise ConfigError(f"{where()}: expected {_type_name(annotation)}, found {_describe(value)}")
@@ -440,7 +561,7 @@ def _convert(value: Any, annotation: Any, path: str, origins: _Origins) -> Any:
             raise ConfigError(f"{where()}: expected {_type_name(annotation)}, found {_describe(value)}")
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         item_type = args[0] if args else Any
-        items = [_convert(v, item_type, f"{path}[{i}]", origins) for i, v in enumerate(value)]
+        items = [_convert(v, item_type, f"{path}[{i}]", origins, infinite=infinite) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
@@ -448,10 +569,16 @@ def _convert(value: Any, annotation: Any, path: str, origins: _Origins) -> Any:
         _, value_type = typing.get_args(annotation)
         return {k: _convert(v, value_type, f"{path}.{k}" if path else k, origins) for k, v in value.items()}
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                number = math.copysign(math.inf, value)
+            if math.isnan(number) or (math.isinf(number) and not infinite):
+                raise _Refused(f"{where()} must be a finite number, found {number!r}")
+            return number
     elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return value
     elif annotation in (str, bool):
         if isinstance(value, annotation):
@@ -461,10 +588,36 @@ def _convert(value: Any, annotation: Any, path: str, origins: _Origins) -> Any:
     raise ConfigError(f"{where()}: expected {_type_name(annotation)}, found {_describe(value)}")
 
 
+def _check_intervals(value: Any, intervals: list[Interval], path: str, origins: _Origins) -> None:
+    """Refuse a number (or an array's item) outside one of ``intervals``; None passes (an unset optional)."""
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_intervals(item, intervals, f"{path}[{index}]", origins)
+        return
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return
+    for interval in intervals:
+        problem = interval.problem(value)
+        if problem:
+            raise _Refused(f"{origins.where(path)}: {path} {problem}, found {value!r}")
+
+
+def _refuse_nonfinite(value: Any, path: str, origins: _Origins) -> None:
+    """Refuse NaN or infinity anywhere in a value no type hint describes (a plugin's untyped parameter)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Refused(f"{origins.where(path)}: {path} must be a finite number, found {value!r}")
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _refuse_nonfinite(item, f"{path}[{index}]", origins)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nonfinite(item, f"{path}.{key}", origins)
+
+
 def _convert_dataclass(value: Any, cls: type, path: str, origins: _Origins) -> Any:
     if not isinstance(value, dict):
         raise ConfigError(f"{origins.where(path)}: {path}: expected a table, found {_describe(value)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, item in value.items():
@@ -477,7 +630,9 @@ def _convert_dataclass(value: Any, cls: type, path: str, origins: _Origins) -> A
             if isinstance(default, PluginSpec):  # e.g. --set model.generator.ngf=8 keeps the default generator
                 item = {"name": default.name, **default.params, **item}
         converted = _convert(item, hints[key], key_path, origins)
-        _check_bounds(converted, fields[key].metadata, key_path, origins)
+        if "min_len" in fields[key].metadata and len(converted) < fields[key].metadata["min_len"]:
+            raise ConfigError(f"{origins.where(key_path)}: {key_path} needs at least "
+                              f"{fields[key].metadata['min_len']} entry, found {len(converted)}")
         kwargs[key] = converted
     for name, f in fields.items():
         key_path = f"{path}.{name}" if path else name
@@ -486,25 +641,6 @@ def _convert_dataclass(value: Any, cls: type, path: str, origins: _Origins) -> A
         if name not in kwargs and "min_len" in f.metadata:
             raise ConfigError(f"{origins.where(path)}: missing key {key_path} ({f.metadata.get('doc', '')})")
     return cls(**kwargs)
-
-
-def _check_bounds(value: Any, metadata: Mapping[str, Any], path: str, origins: _Origins) -> None:
-    if value is None:
-        return
-    problem = None
-    if "min" in metadata and value < metadata["min"]:
-        problem = f"must be >= {metadata['min']}"
-    elif "max" in metadata and value > metadata["max"]:
-        problem = f"must be <= {metadata['max']}"
-    elif "min_exclusive" in metadata and value <= metadata["min_exclusive"]:
-        problem = f"must be > {metadata['min_exclusive']}"
-    elif "max_exclusive" in metadata and value >= metadata["max_exclusive"]:
-        problem = f"must be < {metadata['max_exclusive']}"
-    elif "min_len" in metadata and len(value) < metadata["min_len"]:
-        problem = f"needs at least {metadata['min_len']} entry"
-        value = len(value)
-    if problem:
-        raise ConfigError(f"{origins.where(path)}: {path} {problem}, found {value!r}")
 
 
 #: Arm names become folder names in the run directory.
@@ -595,13 +731,15 @@ def resolve_plugins(config: Config, host: PluginHost, origins: _Origins | None =
 def check_params(
     factory: Any, params: Mapping[str, Any], path: str, origins: _Origins, injected: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """Validate ``params`` against ``factory``'s keyword parameters and type hints."""
+    """Validate ``params`` against ``factory``'s keyword parameters, type hints and constraints.
+
+    Whatever the plugin kind: the types and :class:`Interval` ranges of its
+    hints, finiteness of floats (of untyped parameters too), then the
+    factory's ``param_rules`` (:class:`Rule`) with the defaults filled in.
+    A factory declaring nothing is checked for names and finiteness only.
+    """
     signature = inspect.signature(factory)
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations in a plugin: check names only
-        hints = {}
+    hints = _hints(factory)
     accepted = {
         name: parameter
         for name, parameter in signature.parameters.items()
@@ -609,19 +747,94 @@ def check_params(
     }
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     injected = tuple(injected)
+    named = lambda key: f"{path}.{key}" if path else key  # noqa: E731
     checked = {}
     for key, value in params.items():
-        key_path = f"{path}.{key}"
+        key_path = named(key)
         if key in injected:
             raise ConfigError(f"{origins.where(key_path)}: {key_path} is set by uqsynth and cannot be configured here")
         if key not in accepted and not takes_any:
             options = [n for n in accepted if n not in injected]
             raise ConfigError(f"{origins.where(key_path)}: unknown key {key_path}{close_matches(key, options)}")
-        checked[key] = _convert(value, hints[key], key_path, origins) if key in hints else value
+        if hints.get(key, Any) is Any:
+            _refuse_nonfinite(value, key_path, origins)
+            checked[key] = value
+        else:
+            checked[key] = _convert(value, hints[key], key_path, origins)
     for name, parameter in accepted.items():
         if parameter.default is parameter.empty and name not in checked and name not in injected:
-            raise ConfigError(f"{origins.where(path)}: missing key {path}.{name}")
+            raise ConfigError(f"{origins.where(path)}: missing key {named(name)}")
+    defaults = {name: p.default for name, p in accepted.items() if p.default is not p.empty}
+    for rule in getattr(factory, "param_rules", ()):
+        problem = rule.problem({**defaults, **checked})
+        if problem:
+            origin = next((origins.where(named(n)) for n in rule.names() if n in checked), origins.where(path))
+            raise ConfigError(f"{origin}: {path}: {problem}" if path else f"{origin}: {problem}")
     return checked
+
+
+def _hints(factory: Any) -> dict[str, Any]:
+    """The type hints of ``factory``'s parameters, constraints (``Annotated``) kept; {} when unresolvable."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:  # unresolvable annotations in a plugin: check names only
+        return {}
+
+
+def validate_params(factory: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`check_params` for code that builds a plugin itself (a contract suite, a calibrator's ``fit``).
+
+    Returns:
+        The parameters, converted as a configuration would convert them.
+
+    Raises:
+        ValueError: One line naming the factory and the parameter, e.g.
+            ``IsotonicCalibrator: bins must be >= 1, found 0``.
+    """
+    name = getattr(factory, "__qualname__", None) or type(factory).__name__
+    try:
+        return check_params(factory, params, "", _Origins(name))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def declared_constraints(factory: Any) -> dict[str, list[Interval]]:
+    """The :class:`Interval` constraints declared on each of ``factory``'s parameters (those that have any)."""
+    declared = {}
+    for name, hint in _hints(factory).items():
+        if typing.get_origin(hint) is Annotated:
+            intervals = [extra for extra in typing.get_args(hint)[1:] if isinstance(extra, Interval)]
+            if intervals:
+                declared[name] = intervals
+    return declared
+
+
+def declaration_problems(factory: Any) -> list[str]:
+    """What is wrong with ``factory``'s declared constraints, for contract suites: [] when nothing is.
+
+    A :class:`Rule` must relate parameters the factory has, and ``param_rules``
+    must hold only rules (a misspelt parameter would make it never apply);
+    a default must lie in its parameter's declared range.
+    """
+    parameters = inspect.signature(factory).parameters
+    problems = []
+    for name, intervals in declared_constraints(factory).items():
+        default = parameters[name].default if name in parameters else None
+        if not isinstance(default, numbers.Real) or isinstance(default, bool):
+            continue  # no default (or None): nothing to check
+        for interval in intervals:
+            problem = interval.problem(default)
+            if problem:
+                problems.append(f"the default of {name} breaks its declared range: it {problem}, found {default!r}")
+    for rule in getattr(factory, "param_rules", ()):
+        if not isinstance(rule, Rule):
+            problems.append(f"param_rules holds {rule!r}, which is not a uqsynth.config.Rule")
+            continue
+        unknown = [name for name in rule.names() if name not in parameters]
+        if unknown:
+            problems.append(f"rule {rule.message!r} names {', '.join(unknown)}, which the factory does not take")
+    return problems
 
 
 # --------------------------------------------------------------------------- saving

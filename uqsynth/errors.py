@@ -29,6 +29,14 @@ class DataError(UserError):
     """Input images are unreadable, inconsistent or unusable."""
 
 
+class TrainingDiverged(ConfigError):
+    """Training produced a NaN or infinite loss or weight: the optimisation settings must change.
+
+    A configuration error because the remedy is in the configuration (a
+    lower ``train.lr``, fp32 instead of fp16), not in the data.
+    """
+
+
 class OutputError(UserError):
     """An output file cannot be written: the disk is full, the folder is read-only, ..."""
 

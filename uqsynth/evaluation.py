@@ -160,7 +160,10 @@ def arm_summary(evaluation: ArmEvaluation) -> dict:
 
 
 def metrics_document(
-    evaluations: dict[str, ArmEvaluation], timing: dict[str, float], linear_baseline: dict[str, float]
+    evaluations: dict[str, ArmEvaluation],
+    timing: dict[str, float],
+    linear_baseline: dict[str, float],
+    input_warnings: dict[str, list[str]] | None = None,
 ) -> dict:
     """``metrics.json``: per-arm blocks, the linear-map baseline, the paired t-test of the first two arms, timing.
 
@@ -168,6 +171,9 @@ def metrics_document(
         evaluations: Each arm's evaluation.
         timing: Seconds per stage.
         linear_baseline: Subject id -> RMSE of :func:`evaluate_linear_baseline`, in test-set order.
+        input_warnings: Subject id -> the warnings its inputs raised
+            (:mod:`uqsynth.data.assumptions`), kept so numbers computed on
+            suspect inputs say so; ``None``: not known (the key is left out).
     """
     arms = {name: arm_summary(evaluation) for name, evaluation in evaluations.items()}
     baseline = {
@@ -177,6 +183,8 @@ def metrics_document(
     }
     document: dict = {"arms": arms, "baselines": {"linear_map": baseline}, "paired_ttest": None, "timing": timing,
                       "scale": "intensities normalized per slice to [0, 1], errors reported on [0, 255]"}
+    if input_warnings is not None:
+        document["input_warnings"] = {subject: list(lines) for subject, lines in input_warnings.items()}
     names = list(evaluations)
     if len(names) >= 2 and len(arms[names[0]]["rmse_per_subject"]) >= 2:
         test = paired_ttest(arms[names[0]]["rmse_per_subject"], arms[names[1]]["rmse_per_subject"])

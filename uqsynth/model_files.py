@@ -7,7 +7,11 @@ anything) with ``<file>.sha256`` beside it. Reading refuses:
 * a file holding pickled Python objects (``torch.save`` / ``pickle`` output),
   which could run code on load, with a message saying so;
 * a file whose SHA-256 is not the one recorded when uqsynth wrote it
-  (tampered with or damaged), or that has no checksum file at all.
+  (tampered with or damaged), or that has no checksum file at all;
+* a tensor holding NaN or infinite values (weights of a diverged training
+  run, or a file edited or written elsewhere): every number computed from
+  it would be meaningless, so it is refused on reading, naming the tensor,
+  and never written (:func:`nonfinite_tensor` is the one check).
 
 Nested training state (optimizer states, random-number-generator states)
 goes through :func:`save_state` / :func:`load_state`: tensors into the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +81,54 @@ def _recorded_digests(path: Path) -> list[str]:
     return [line.split()[0].lower() for line in lines if line.strip()]
 
 
+def nonfinite_tensor(tensors: dict[str, Any], kind: str = "tensor") -> str | None:
+    """Describe the first tensor holding NaN or infinite values, or None when every one is finite.
+
+    The description reads ``"tensor w holds 2 NaN and 0 infinite values"``
+    (``kind`` names what the tensors are). Integer tensors (counts, RNG
+    states) are always finite. Accepts torch tensors and numpy arrays alike.
+    """
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            if not (value.is_floating_point() or value.is_complex()) or bool(torch.isfinite(value).all()):
+                continue
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+        else:
+            array = np.asarray(value)
+            if array.dtype.kind not in "fc" or bool(np.isfinite(array).all()):
+                continue
+            nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        return f"{kind} {key} holds {nan} NaN and {inf} infinite values"
+    return None
+
+
 def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (torch tensors or numpy arrays, one kind) as safetensors at ``path``, with its checksum."""
+    """Write ``tensors`` (torch tensors or numpy arrays, one kind) as safetensors at ``path``, with its checksum.
+
+    The file gets the permissions of every other output (0o666 less the
+    umask), not the 0o600 safetensors gives the files it creates.
+
+    Raises:
+        ValueError: A tensor holds NaN or infinite values (:func:`load_tensors` would refuse the file; callers
+            such as the trainer check first, to say what diverged).
+        OutputError: The system refused the write.
+    """
     path = Path(path)
+    problem = nonfinite_tensor(tensors)
+    if problem is not None:
+        raise ValueError(f"refusing to write {path}: {problem}")
     values = list(tensors.values())
     if values and all(isinstance(v, np.ndarray) for v in values):
         from safetensors.numpy import save_file
     else:
         from safetensors.torch import save_file
     with atomic_path(path) as tmp:
+        mode = os.stat(tmp).st_mode & 0o777  # what atomic_path created: 0o666 less the umask
         try:
             save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as error:  # raised instead of OSError, e.g. when the disk is full
             raise OutputError(f"cannot write {path}: {first_line(error)}") from None
+        os.chmod(tmp, mode)  # save_file creates the file anew, private (0o600)
         digest = sha256_of(tmp)
         # Accept the file in place too (whichever recorded digest it has) until the new one replaces it.
         previous = _recorded_digests(path) if path.exists() else []
@@ -137,7 +177,8 @@ def load_tensors(
 
     Raises:
         DataError: One line naming ``what`` and the file, for any of the
-            refusals above or a file that is not safetensors.
+            refusals above, a file that is not safetensors, or a tensor
+            holding NaN or infinite values (naming the tensor).
     """
     path = check_model_file(path, what=what, verify=verify)
     try:
@@ -146,6 +187,10 @@ def load_tensors(
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for any malformed header
         raise DataError(f"{what} {path} is not a safetensors file ({first_line(error)})") from None
+    problem = nonfinite_tensor(tensors)
+    if problem is not None:
+        raise DataError(f"{what} {path} is unusable: its {problem} (left by a training run that diverged, "
+                        "or edited since)")
     return tensors, metadata
 
 
@@ -170,15 +215,25 @@ def load_state(path: str | Path, *, what: str, map_location: str | torch.device 
         raise DataError(f"{what} {path} holds no readable uqsynth state ({error})") from None
 
 
-def _flatten(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+def state_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a nested state under the names :func:`save_state` gives them in the file, not copied.
+
+    For checks before saving (on the tensors' own device), such as :func:`nonfinite_tensor`.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    _flatten(state, "", tensors, copy=False)
+    return tensors
+
+
+def _flatten(value: Any, key: str, tensors: dict[str, torch.Tensor], copy: bool = True) -> Any:
     if isinstance(value, torch.Tensor):
-        tensors[key] = value.detach().cpu().contiguous()
+        tensors[key] = value.detach().cpu().contiguous() if copy else value.detach()
         return {"$tensor": key}
     if isinstance(value, dict):
         # Pairs, not a JSON object: optimizer states use int keys, which JSON would turn into strings.
-        return {"$dict": [[k, _flatten(v, f"{key}/{k}", tensors)] for k, v in value.items()]}
+        return {"$dict": [[k, _flatten(v, f"{key}/{k}", tensors, copy)] for k, v in value.items()]}
     if isinstance(value, (list, tuple)):
-        return [_flatten(v, f"{key}/{i}", tensors) for i, v in enumerate(value)]
+        return [_flatten(v, f"{key}/{i}", tensors, copy) for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot store {type(value).__name__} at {key or '/'}: only tensors, dicts, lists and scalars")

@@ -18,6 +18,8 @@ alone prints and writes the shared files.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import json
 import sys
@@ -30,10 +32,10 @@ import numpy as np
 import torch
 
 import uqsynth
-from uqsynth._files import atomic_write_text
+from uqsynth._files import RECORD, atomic_write_text, recording
 from uqsynth.calibration.base import StreamingCalibrator
 from uqsynth.config import Config, PluginSpec, dumps_config, load_config
-from uqsynth.data.base import Dataset
+from uqsynth.data.base import Dataset, RecordingDataset
 from uqsynth.data.slices import EvalVolume, TrainSlices
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.devices import resolve_device
@@ -43,7 +45,18 @@ from uqsynth.metrics import STD_FLOOR
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
 from uqsynth.predict import load_arm, posterior_maps, sampler_options, write_maps
-from uqsynth.run_directory import RunLock, check_existing_run, clear_run, remove_stale_temporaries
+from uqsynth.run_directory import (
+    DigestingDataset,
+    RunInputs,
+    RunLock,
+    bind_outputs,
+    check_existing_run,
+    clear_run,
+    content_digest,
+    inputs_difference,
+    outputs_difference,
+    remove_stale_temporaries,
+)
 from uqsynth.training import ArmModels, Trainer, build_arm, dropout_probabilities, seed_everything
 
 
@@ -94,6 +107,8 @@ class RunContext:
     timing: dict[str, float] = field(default_factory=dict)
     evaluations: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)  # subject id -> content digest, from prepare
+    input_warnings: dict[str, list[str]] = field(default_factory=dict)  # subject id -> suspect-input warnings
 
     def say(self, line: str) -> None:
         """A progress line on stderr, from rank 0 only."""
@@ -115,6 +130,18 @@ def build_dataset(config: Config, host: PluginHost) -> Dataset:
     return host["dataset"].create(config.data.source, **params)
 
 
+def subject_split(config: Config, ids: Sequence[str]) -> Split:
+    """The run's split of the subjects ``ids``: it depends on nothing but them and the configuration."""
+    held_out = config.calibration.subjects == "held_out"
+    return split_subjects(
+        ids,
+        test_fraction=config.data.test_fraction,
+        seed=config.run.seed,
+        test_ids=config.data.test_subjects or None,
+        calibration_fraction=config.calibration.held_out_fraction if held_out else 0.0,
+    )
+
+
 def prepare(context: RunContext) -> None:
     """Everything that can fail on bad input, before the run directory is touched.
 
@@ -127,24 +154,26 @@ def prepare(context: RunContext) -> None:
     if context.world.distributed and config.train.sync_batchnorm and context.device.type != "cuda":
         raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set it to false on CPUs")
     context.dataset = build_dataset(config, context.host)
-    held_out = config.calibration.subjects == "held_out"
-    context.split = split_subjects(
-        context.dataset.subject_ids(),
-        test_fraction=config.data.test_fraction,
-        seed=config.run.seed,
-        test_ids=config.data.test_subjects or None,
-        calibration_fraction=config.calibration.held_out_fraction if held_out else 0.0,
-    )
+    context.split = subject_split(config, context.dataset.subject_ids())
+    for line in context.dataset.scan_summary():
+        context.say(f"data: {line}")
     started = time.perf_counter()
+    digesting = DigestingDataset(context.dataset)  # each subject's digest for split.json, without a second read
+    recorder = RecordingDataset(digesting)  # TrainSlices loads the training subjects itself
     context.train_set = TrainSlices(
-        context.dataset,
+        recorder,
         context.split.train,
         image_size=config.data.image_size,
         load_size=config.data.load_size,
         min_brain_fraction=config.data.min_brain_fraction,
     )
     for subject_id in sorted({*context.split.test, *context.split.calibration} - set(context.split.train)):
-        context.dataset.load(subject_id)
+        recorder.load(subject_id)
+    context.digests = digesting.digests
+    context.input_warnings = {sid: recorder.warnings[sid] for sid in sorted(recorder.warnings)}
+    for lines in context.input_warnings.values():
+        for line in lines:
+            context.say(f"warning: {line}")
     context.say(
         f"data: {len(context.split.train)} training subjects ({len(context.train_set)} slices), "
         f"{len(context.split.test)} test subjects; read and checked in {time.perf_counter() - started:.1f} s"
@@ -157,11 +186,8 @@ def prepare(context: RunContext) -> None:
 def stage_train(context: RunContext) -> None:
     """Train every arm on the training subjects (resuming finished epochs)."""
     config, world = context.config, context.world
-    split_record = {
-        "train": context.split.train, "test": context.split.test, "calibration": calibration_subjects(context)
-    }
-    if world.is_main:
-        atomic_write_text(context.out_dir / "split.json", json.dumps(split_record, indent=2) + "\n")
+    if world.is_main:  # before training: a killed run still says what it was trained on
+        atomic_write_text(context.out_dir / "split.json", run_inputs(context).dumps())
     for arm_name in config.arms:
         arm_dir = context.out_dir / arm_name
         trainer = Trainer(
@@ -178,6 +204,9 @@ def stage_sample(context: RunContext) -> None:
     """
     config, world = context.config, context.world
     for arm_name in config.arms:
+        if world.is_main:  # before the first prediction: which generator made them
+            bind_outputs(context.out_dir / arm_name, arm_name)
+        world.barrier()
         out_dir = context.out_dir / arm_name / "predictions"
         out_dir.mkdir(parents=True, exist_ok=True)
         generator = context.models[arm_name].generator
@@ -202,6 +231,12 @@ def calibration_subjects(context: RunContext) -> list[str]:
     calibration = context.config.calibration
     subjects = context.split.train if calibration.subjects == "train" else context.split.calibration
     return subjects[: calibration.max_subjects] if calibration.max_subjects else list(subjects)
+
+
+def run_inputs(context: RunContext) -> RunInputs:
+    """What ``split.json`` records: each role's subjects and the digests of the subjects read."""
+    roles = {"train": context.split.train, "test": context.split.test, "calibration": calibration_subjects(context)}
+    return RunInputs(context.dataset.subject_ids(), roles, dict(context.digests), dict(context.input_warnings))
 
 
 def resolved_spread(std: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -231,6 +266,8 @@ def stage_calibrate(context: RunContext) -> None:
         )
         if not pending:
             continue
+        if world.is_main:
+            bind_outputs(context.out_dir / arm_name, arm_name)
         calibrators = {spec.name: context.host["calibrator"].create(spec.name, **spec.params) for spec in pending}
         sampler = PosteriorSampler(context.models[arm_name].generator, sampler_options(config), context.device)
         started, voxels, degenerate = time.perf_counter(), 0, 0
@@ -306,7 +343,7 @@ def stage_evaluate(context: RunContext) -> None:
     baseline = {k: v for part in baseline_parts for k, v in part.items()}
     baseline = {subject_id: baseline[subject_id] for subject_id in context.split.test}
     timing = {**context.timing, "evaluate": time.perf_counter() - started}
-    context.metrics = metrics_document(context.evaluations, timing, baseline)
+    context.metrics = metrics_document(context.evaluations, timing, baseline, context.input_warnings)
     write_metrics(context.out_dir, context.metrics, metrics_rows(context.evaluations))
     linear = context.metrics["baselines"]["linear_map"]["rmse_mean"]
     for name, arm in context.metrics["arms"].items():
@@ -365,7 +402,8 @@ def _run_stages(
     for line in [*config.notes, *describe_run(config, host, out_dir, world.device, smoke, world)]:
         context.say(line)
     prepare(context)
-    check_existing_run(out_dir, config, force=force)  # refuse before --out is touched; repeated under the lock
+    # Refuse before --out is touched; repeated under the lock.
+    check_existing_run(out_dir, config, run_inputs(context), force=force)
     lock = None
     failure: UserError | None = None
     if world.is_main:
@@ -378,12 +416,13 @@ def _run_stages(
     if message is not None:
         raise failure if failure is not None else ConfigError(message)
     try:
-        for name, stage in STAGES:
-            started = time.perf_counter()
-            stage(context)
-            context.timing[name] = time.perf_counter() - started
-            if world.is_main:
-                atomic_write_text(out_dir / "timing.json", json.dumps(context.timing, indent=2) + "\n")
+        with recording(out_dir, owner=world.is_main):  # every file of the run goes into its record
+            for name, stage in STAGES:
+                started = time.perf_counter()
+                stage(context)
+                context.timing[name] = time.perf_counter() - started
+                if world.is_main:
+                    atomic_write_text(out_dir / "timing.json", json.dumps(context.timing, indent=2) + "\n")
     finally:
         if lock is not None:
             lock.release()
@@ -400,12 +439,14 @@ def _claim_run_directory(context: RunContext, *, force: bool) -> RunLock:
     lock = RunLock(out_dir)
     try:
         # Checked again under the lock: another run may have written here since.
-        if check_existing_run(out_dir, config, force=force):
-            removed = clear_run(out_dir, config)
-            context.say(f"--force: replaced the run of another configuration in {out_dir} ({len(removed)} entries)")
+        if check_existing_run(out_dir, config, run_inputs(context), force=force):
+            removed = clear_run(out_dir)
+            context.say(f"--force: replaced the run of another configuration or other data in {out_dir} "
+                        f"({len(removed)} files it had written)")
         if remove_stale_temporaries(out_dir):
             context.say(f"removed the temporary files of writes an earlier, killed run left in {out_dir}")
-        atomic_write_text(out_dir / "config.toml", dumps_config(config))
+        with recording(out_dir, owner=True):
+            atomic_write_text(out_dir / "config.toml", dumps_config(config))
     except BaseException:
         lock.release()
         raise
@@ -432,8 +473,24 @@ def run_report(run_dir: str | Path) -> int:
     })
     context.dataset = build_dataset(config, host)
     context.split = Split(train=list(split.get("train", [])), test=test_ids, calibration=list(split.get("calibration", [])))
+    context.input_warnings = {str(k): list(v) for k, v in (split.get("input_warnings") or {}).items()}
+    # The split this configuration gives the subjects the run recorded must be split.json's, and the test
+    # subjects (all that is read here) must be as they were: else the wrong subjects or data would be scored.
+    recorded = sorted(split.get("sha256") or {*test_ids, *split.get("train", []), *split.get("calibration", [])})
+    expected = dataclasses.replace(context, split=subject_split(config, recorded))
+    present = set(context.dataset.subject_ids())
+    expected.digests = {s: content_digest(context.dataset.load(s)) for s in expected.split.test if s in present}
+    inputs = run_inputs(expected)
+    stale = inputs_difference(run_dir, RunInputs(
+        [s for s in recorded if s in present or s not in expected.split.test], inputs.roles, inputs.digests
+    ))
+    for arm_name in config.arms:
+        stale = stale or outputs_difference(run_dir / arm_name, arm_name)
+    if stale is not None:
+        raise ConfigError(f"{run_dir}: {stale}; `uqsynth run` with --force retrains it")
     for arm_name in config.arms:
         context.models[arm_name] = ArmModels(load_arm(run_dir / arm_name, host).generator, None, None)
-    stage_evaluate(context)
-    stage_report(context)
+    with recording(run_dir) if (run_dir / RECORD).exists() else contextlib.nullcontext():
+        stage_evaluate(context)
+        stage_report(context)
     return 0

@@ -10,6 +10,13 @@ happens to be installed).
 Problems are collected rather than raised at start-up, so ``uqsynth plugins``
 can still list everything that works and mark the rest as broken; commands
 that build models call :meth:`PluginHost.check` and refuse to go on.
+
+As in pytest, a module's functions named ``uqsynth_*`` are hook
+implementations with or without ``@uqsynth.hookimpl``, and each plugin is
+followed by pluggy's ``check_pending()``: a hook name that matches no
+specification (``uqsynth_register_calibrator``, a ``specname`` typo) makes
+the plugin broken, with the close match and pluggy's own message, instead of
+registering nothing without a word.
 """
 
 from __future__ import annotations
@@ -187,11 +194,32 @@ class Registry:
         return obj
 
 
+class _Manager(pluggy.PluginManager):
+    """pluggy's manager, also taking a module's unmarked ``uqsynth_*`` functions as hook implementations.
+
+    Why (pytest does the same for ``pytest_*``): a hook whose marker was
+    forgotten would otherwise be ignored without a word, and a misspelt one
+    too; taken as implementations, ``check_pending`` reports the misspelt ones.
+    """
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if (
+            opts is None
+            and name.startswith(hookspecs.PROJECT_NAME + "_")
+            and inspect.ismodule(plugin)
+            and inspect.isfunction(inspect.getattr_static(plugin, name, None))
+        ):
+            opts = {"wrapper": False, "hookwrapper": False, "optionalhook": False, "tryfirst": False,
+                    "trylast": False, "specname": None}
+        return opts
+
+
 class PluginHost:
     """The plugin manager together with the registries it fills."""
 
     def __init__(self) -> None:
-        self.manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.manager = _Manager(hookspecs.PROJECT_NAME)
         self.manager.add_hookspecs(hookspecs)
         self.registries: dict[str, Registry] = {name: Registry(kind) for name, kind in KINDS.items()}
         self.plugins: dict[str, PluginInfo] = {}
@@ -235,19 +263,27 @@ class PluginHost:
         except Exception as exc:  # any failure inside a third-party import
             self.broken.append(BrokenPlugin(info, f'Error importing plugin "{info.name}": {_describe(exc)}'))
             return
-        unknown = [
-            attribute
-            for attribute in dir(module)
-            if attribute.startswith(hookspecs.PROJECT_NAME + "_") and not hasattr(self.manager.hook, attribute)
-        ]
-        if unknown:
-            hint = close_matches(unknown[0], (kind.hook for kind in KINDS.values()))
-            self.broken.append(BrokenPlugin(info, f'plugin "{info.name}" implements unknown hook {unknown[0]}{hint}'))
-            return
         try:
             self.manager.register(module, name=info.name)
         except Exception as exc:  # pluggy's validation (wrong hook arguments) or a name clash
             self.broken.append(BrokenPlugin(info, f'plugin "{info.name}" cannot be registered: {_describe(exc)}'))
+            return
+        try:
+            # Earlier plugins passed (or were unregistered), so what is pending is this plugin's.
+            self.manager.check_pending()
+        except pluggy.PluginValidationError as exc:
+            unknown = [
+                name
+                for name, caller in vars(self.manager.hook).items()
+                if not name.startswith("_") and not caller.has_spec()
+                and any(impl.plugin_name == info.name for impl in caller.get_hookimpls())
+            ]
+            self.manager.unregister(name=info.name)  # all or nothing
+            hook = unknown[0] if unknown else "?"
+            hint = close_matches(hook, (kind.hook for kind in KINDS.values()))
+            self.broken.append(
+                BrokenPlugin(info, f'plugin "{info.name}" implements unknown hook {hook}{hint}: {_describe(exc)}')
+            )
             return
         self.plugins[info.name] = info
 
@@ -281,7 +317,9 @@ def _import(module: str | ModuleType) -> ModuleType:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if isinstance(exc, pluggy.PluginValidationError):
+        text = ["; ".join(text)] if text else []  # the whole of it: its first line names no argument
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 

@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from uqsynth._files import refuse_replacing
 from uqsynth.calibration.base import Calibrator
 from uqsynth.config import Config, load_config
 from uqsynth.data.base import SubjectVolumes
-from uqsynth.data.brats import CONTRASTS, ROLES, find_source_only
-from uqsynth.data.nifti import is_nifti, load_volume, save_like
+from uqsynth.data.brats import CONTRASTS, ROLES, scan_source_only
+from uqsynth.data.discovery import nifti_stem
+from uqsynth.data.nifti import is_nifti, load_source, load_volume, save_like
 from uqsynth.data.slices import ROBUST_PERCENTILE, EvalVolume
 from uqsynth.devices import resolve_device
 from uqsynth.errors import ConfigError, DataError
@@ -151,7 +153,20 @@ def find_calibrator(arm: TrainedArm, model_dir: Path, name: str | None) -> tuple
 
 
 def write_maps(maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Path, stem: str) -> list[Path]:
-    """Write ``<stem>_<map>.nii.gz`` for every map; all of them or none."""
+    """Write ``<stem>_<map>.nii.gz`` for every map; all of them or none.
+
+    Raises:
+        DataError: A map holds NaN voxels, or a map other than an interval
+            bound infinite ones (checked before the first file: a number
+            nobody should believe is never written). An infinite bound is an
+            answer: a conformal calibrator says so when too few calibration
+            voxels guarantee no finite interval at the level.
+    """
+    for name, array in maps.items():
+        nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        if nan or (inf and name not in ("lower", "upper")):
+            raise DataError(f"{stem}: map {name} holds {nan} NaN and {inf} infinite values, so none of its maps "
+                            "was written (weights that diverged in training give such maps)")
     written: list[Path] = []
     try:
         for name, array in maps.items():
@@ -164,11 +179,8 @@ def write_maps(maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Pa
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    """The file name without its NIfTI ending, in any case (``T1.NII.GZ`` -> ``T1``)."""
+    return nifti_stem(path.name) or path.stem
 
 
 def source_contrast(config: Config, host: PluginHost | None = None) -> str | None:
@@ -202,7 +214,10 @@ def collect_inputs(inputs: Sequence[str], contrast: str | None = "t1") -> list[t
             if contrast is None:
                 raise DataError(f"--input {path}: the model's training data does not name its source contrast, "
                                 "so a folder's subjects cannot be matched to it; pass the NIfTI files themselves")
-            found.extend(find_source_only(path, contrast=contrast).items())
+            subjects, notes = scan_source_only(path, contrast=contrast)
+            for note in notes:  # what the folder held that is not an input, and why
+                print(f"--input {path}: {note}", file=sys.stderr)
+            found.extend(subjects.items())
         elif not path.exists():
             raise DataError(f"--input {path}: no such file or directory")
         elif not is_nifti(path):
@@ -246,13 +261,20 @@ def run_predict(
     volumes: list[tuple[str, SubjectVolumes]] = []
     contrast = source_contrast(arm.config)
     for stem, path in collect_inputs(inputs, contrast):
-        image = load_volume(path, role=ROLES.get(contrast, "source"), subject_id=stem)
-        volumes.append((stem, SubjectVolumes(
-            subject_id=stem, source=image.array, target=None, mask=image.array != 0,
-            affine=image.affine, header=image.header, source_path=path,
-        )))
+        subject = load_source(path, subject_id=stem, role=ROLES.get(contrast, "source"))
+        for line in subject.warnings:  # also in each output's header (descrip)
+            print(f"warning: {line}", file=sys.stderr)
+        volumes.append((stem, subject))
     scale = robust_maximum(Path(rescale_like)) if rescale_like else 1.0
     out_dir = Path(out)
+    # An output never replaces what this command reads (links and ".." resolved): --out may be the data folder.
+    model_dir = Path(model)
+    read = [*(("--input", subject.source_path) for _, subject in volumes),
+            *([("--rescale-like", Path(rescale_like))] if rescale_like else []),
+            ("--model", model_dir.parent / "config.toml"),
+            *(("--model", path) for path in sorted(model_dir.rglob("*")) if path.is_file())]
+    planned = [out_dir / f"{stem}_{name}.nii.gz" for stem, _ in volumes for name in MAPS]
+    refuse_replacing(planned, read, where=f"--out {out_dir}")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -12,6 +12,13 @@ the generator's weights when ``train.ema_decay`` asks for one, every
 process's RNG states), as safetensors with a checksum beside them
 (:mod:`uqsynth.model_files`), so loading one never unpickles code. The
 final generator is also saved on its own for sampling and sharing.
+
+A run that diverges stops with :class:`~uqsynth.errors.TrainingDiverged`
+(one line naming the arm, the epoch, the step and the loss or tensor, and
+what to change) at the first step whose losses are not finite, or at the end
+of an epoch whose weights are not (a huge learning rate can overflow a
+BatchNorm statistic while every loss is still finite). Nothing of that
+epoch is logged or saved: the last good epoch's checkpoint stays as it was.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import random
 import shutil
 import sys
@@ -38,10 +46,10 @@ from tqdm import tqdm
 from uqsynth._files import atomic_write_text
 from uqsynth.config import ArmConfig, Config, TrainConfig
 from uqsynth.distributed import SINGLE, World
-from uqsynth.errors import ConfigError
+from uqsynth.errors import ConfigError, TrainingDiverged
 from uqsynth.layers.base import sampling, stochastic_layers, total_regularizer
 from uqsynth.losses import AdversarialLoss, discriminator_objective, generator_objective
-from uqsynth.model_files import load_state, save_state, save_tensors
+from uqsynth.model_files import load_state, nonfinite_tensor, save_state, save_tensors, state_tensors
 from uqsynth.models.base import Discriminator, Generator
 from uqsynth.plugins import PluginHost
 
@@ -49,6 +57,15 @@ CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle-based, written before 0.2; never loaded
 GENERATOR_WEIGHTS = "generator.safetensors"
 TRAIN_LOG = "train_log.csv"
+
+#: The losses of a step (:meth:`Trainer.step`), as a divergence names them, in the order they are computed.
+LOSS_NAMES = {
+    "loss_d": "discriminator loss",
+    "loss_g_adversarial": "generator's adversarial loss",
+    "loss_g_l1": "generator's L1 loss",
+    "loss_g_kl": "stochastic layers' KL term",
+    "loss_g_total": "generator's total loss",
+}
 
 
 @dataclass
@@ -61,16 +78,24 @@ class ArmModels:
 
 
 def build_generator(config: Config, arm: ArmConfig, host: PluginHost) -> Generator:
-    """The arm's generator with its stochastic layers, freshly initialized."""
+    """The arm's generator with its stochastic layers, freshly initialized.
+
+    Layers that regularize the weights around them get them now, so a
+    generator that attached the wrong kind is refused here, before
+    training, not at the first step.
+    """
     layer = arm.stochastic_layer
     spec = config.model.generator
-    return host["generator"].create(
+    generator = host["generator"].create(
         spec.name,
         image_size=config.data.image_size,
         stochastic_layer=lambda: host["stochastic_layer"].create(layer.name, **layer.params),
         positions=tuple(arm.positions),
         **spec.params,
     )
+    for stochastic in stochastic_layers(generator):
+        stochastic.check_attached()
+    return generator
 
 
 def build_arm(config: Config, arm_name: str, host: PluginHost) -> ArmModels:
@@ -390,18 +415,22 @@ class Trainer:
                        unit="step", leave=False, file=sys.stderr, dynamic_ncols=True,
                        disable=not self.world.is_main)
             count = 0
-            for batch in bar:
-                self.set_learning_rate(learning_rate_factor(self.config.train, epoch, count, steps))
-                losses = self.step(batch)
-                count += 1
-                for key, value in losses.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                shown = {"G": losses["loss_g_total"], "D": losses["loss_d"], "L1": losses["loss_g_l1"]}
-                probabilities = dropout_probabilities(self.generator)
-                if probabilities:
-                    shown["p"] = "/".join(f"{p:.3f}" for p in probabilities)
-                bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in shown.items()})
-            bar.close()
+            try:
+                for batch in bar:
+                    self.set_learning_rate(learning_rate_factor(self.config.train, epoch, count, steps))
+                    losses = self.step(batch)
+                    count += 1
+                    self.check_losses(losses, epoch, count)
+                    for key, value in losses.items():
+                        totals[key] = totals.get(key, 0.0) + value
+                    shown = {"G": losses["loss_g_total"], "D": losses["loss_d"], "L1": losses["loss_g_l1"]}
+                    probabilities = dropout_probabilities(self.generator)
+                    if probabilities:
+                        shown["p"] = "/".join(f"{p:.3f}" for p in probabilities)
+                    bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in shown.items()})
+            finally:
+                bar.close()  # also when a step fails: the error line must not land on the bar's line
+            self.check_weights(epoch, count)  # before the log and the checkpoint: neither gets this epoch
             self.epoch = epoch
             totals = self._summed_over_ranks({**totals, "count": float(count)})
             count = totals.pop("count")
@@ -425,6 +454,50 @@ class Trainer:
             self.save_generator()
         self.world.barrier()
         return epochs - first + 1
+
+    def check_losses(self, losses: dict[str, float], epoch: int, step: int) -> None:
+        """Stop at the first step (1-based) of ``epoch`` whose losses are not all finite.
+
+        Raises:
+            TrainingDiverged: Naming the arm, epoch, step and loss, on every process.
+        """
+        bad = [key for key in LOSS_NAMES if key in losses and not math.isfinite(losses[key])]
+        problem = f"the {LOSS_NAMES[bad[0]]} ({bad[0]}) is {losses[bad[0]]}" if bad else None
+        self._stop_if_diverged(problem, epoch, f"at step {step}")
+
+    def check_weights(self, epoch: int, steps: int) -> None:
+        """Stop before logging or saving an epoch whose state (weights, statistics, optimizer) is not finite.
+
+        Raises:
+            TrainingDiverged: Naming the arm, the epoch and the tensor, on every process.
+        """
+        problem = nonfinite_tensor(state_tensors(self.checkpoint_state()))
+        self._stop_if_diverged(problem, epoch, f"after step {steps}")
+
+    def _stop_if_diverged(self, problem: str | None, epoch: int, when: str) -> None:
+        """Raise :class:`TrainingDiverged` for ``problem``, on every process when any process has one.
+
+        Under torchrun the verdict is summed over processes (one number), so
+        no process goes on to wait for the others at the next collective.
+        """
+        if self.world.distributed:
+            flagged = int(self.world.all_reduce_sum(np.array(problem is not None, dtype=np.int64)))
+            if flagged and problem is None:
+                problem = "a loss or weight of another process is not finite"
+        if problem is None:
+            return
+        train = self.config.train
+        remedy = f"lower train.lr (now {train.lr:g})"
+        if train.precision == "fp16":
+            remedy += ' or use train.precision = "bf16" or "fp32"'
+        remedy += " and rerun with --force"
+        if self.epoch:
+            remedy += (f", or keep the {self.epoch} good epoch(s) with --set train.epochs={self.epoch} "
+                       f"(their checkpoint is kept)")
+        raise TrainingDiverged(
+            f"arm {self.arm_name}: training diverged in epoch {epoch} {when}: {problem}; {remedy}; "
+            f"nothing of epoch {epoch} was saved"
+        )
 
     def _summed_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         """Per-epoch loss sums added over all processes (the same keys on every rank), for the log."""
@@ -462,11 +535,8 @@ class Trainer:
         writer.writerows(rows)
         atomic_write_text(path, buffer.getvalue())
 
-    def save_checkpoint(self) -> None:
-        """Rank 0 writes the checkpoint, with the random state of every rank (a collective call)."""
-        rng = self.world.gather(rng_state())
-        if not self.world.is_main:
-            return
+    def checkpoint_state(self) -> dict:
+        """What the checkpoint holds but the random states: weights, optimizer states, the weight average."""
         state = {
             "epoch": self.epoch,
             "world_size": self.world.size,
@@ -475,11 +545,17 @@ class Trainer:
             "optimizer_g": self.optimizer_g.state_dict(),
             "optimizer_d": self.optimizer_d.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng,
         }
         if self.average is not None:
             state["generator_average"] = self.average.state_dict()
-        save_state(self.out_dir / CHECKPOINT, state, {"arm": self.arm_name})
+        return state
+
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint, with the random state of every rank (a collective call)."""
+        rng = self.world.gather(rng_state())
+        if not self.world.is_main:
+            return
+        save_state(self.out_dir / CHECKPOINT, {**self.checkpoint_state(), "rng": rng}, {"arm": self.arm_name})
 
     def load_checkpoint(self) -> bool:
         """Continue from the last completed epoch, if a checkpoint exists (every rank reads it).

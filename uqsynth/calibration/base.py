@@ -10,6 +10,11 @@ As in scikit-learn: ``__init__`` only stores keyword-only parameters (so
 ``get_params`` round-trips a TOML table), ``fit`` validates, learns and
 returns ``self``, learned state lives in attributes ending in ``_``, and using
 an unfitted calibrator raises :class:`sklearn.exceptions.NotFittedError`.
+Parameter ranges are declared on ``__init__`` in the configuration's
+vocabulary (``bins: Annotated[int, Interval(1, None)]``, and ``param_rules``
+for conditions between parameters, see :mod:`uqsynth.config`): a TOML table
+breaking them is refused when the configuration loads, and ``fit`` refuses
+them too (:meth:`Calibrator._validate_params`, as scikit-learn's).
 Learned state is plain arrays (:meth:`Calibrator.fitted_state`), so it is
 saved without pickling code.
 
@@ -56,6 +61,20 @@ class Calibrator(BaseEstimator):
         if 1.0 - tail == 1.0:  # e.g. the largest float below 1: its upper quantile level rounds to 1
             raise ValueError(f"level {level!r} is too close to 1: the upper tail {tail:.1e} is below float64 resolution")
         return self.quantile(mean, std, tail), self.quantile(mean, std, 1.0 - tail)
+
+    def _validate_params(self) -> None:
+        """Refuse parameters breaking the constraints declared on ``__init__`` (scikit-learn's ``_validate_params``).
+
+        Why here too: the configuration checks them when it loads, but code
+        that builds a calibrator itself would otherwise learn of ``bins=0``
+        from a crash deep inside ``fit``.
+
+        Raises:
+            ValueError: One line naming the class and the parameter.
+        """
+        from uqsynth.config import validate_params
+
+        validate_params(type(self), self.get_params(deep=False))
 
     def fitted_state(self) -> dict[str, np.ndarray]:
         """The learned attributes (names ending in ``_``) as arrays, for saving."""
@@ -162,6 +181,7 @@ class StreamingCalibrator(Calibrator):
         Calling it on the batches of a data set gives the same calibrator as
         :meth:`fit` on all of them at once, with memory bounded by one batch.
         """
+        self._validate_params()
         mean, std, target = check_inputs(mean, std, target)
         if mean.size == 0:
             raise ValueError("no voxels to fit on")

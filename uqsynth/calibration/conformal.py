@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from uqsynth.calibration.base import StreamingCalibrator, check_inputs, check_probabilities
+from uqsynth.config import Interval, Rule
 
 #: Levels are rounded to this many decimals before the rank rule, so that
 #: ``interval(mean, std, 0.9)`` and ``quantile(mean, std, 0.95)`` use the same
@@ -59,18 +62,22 @@ class ConformalCalibrator(StreamingCalibrator):
     """
 
     _summary_names = ("counts_", "n_")
+    param_rules = (Rule(lambda low, high: low < high, "low must be below high"),)
 
-    def __init__(self, *, bins: int = 10000, low: float = 1e-6, high: float = 1e3) -> None:
+    def __init__(
+        self,
+        *,
+        bins: Annotated[int, Interval(1, None)] = 10000,
+        low: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-6,
+        high: Annotated[float, Interval(0.0, None, closed="neither")] = 1e3,
+    ) -> None:
         self.bins = bins
         self.low = low
         self.high = high
 
     def upper_edges(self) -> np.ndarray:
         """Upper edge of every histogram bin, ``low`` first and ``+inf`` last."""
-        if isinstance(self.bins, bool) or not isinstance(self.bins, (int, np.integer)) or self.bins < 1:
-            raise ValueError(f"bins must be a positive integer, got {self.bins!r}")
-        if not 0.0 < float(self.low) < float(self.high) < np.inf:
-            raise ValueError(f"need 0 < low < high < inf, got low={self.low!r}, high={self.high!r}")
+        self._validate_params()
         edges = np.geomspace(float(self.low), float(self.high), int(self.bins) + 1)
         return np.concatenate([edges, [np.inf]])
 

@@ -18,12 +18,15 @@ in coordinates where its tails can be resolved (see
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from scipy.special import ndtri
 from sklearn.isotonic import IsotonicRegression
 from sklearn.utils.validation import check_is_fitted
 
 from uqsynth.calibration.base import StreamingCalibrator, check_inputs, check_probabilities
+from uqsynth.config import Interval
 
 
 class IsotonicCalibrator(StreamingCalibrator):
@@ -76,7 +79,12 @@ class IsotonicCalibrator(StreamingCalibrator):
 
     _summary_names = ("counts_", "n_")
 
-    def __init__(self, *, bins: int = 10000, z_max: float = 100.0) -> None:
+    def __init__(
+        self,
+        *,
+        bins: Annotated[int, Interval(1, None)] = 10000,
+        z_max: Annotated[float, Interval(0.0, None, closed="neither")] = 100.0,
+    ) -> None:
         self.bins = bins
         self.z_max = z_max
 
@@ -86,10 +94,7 @@ class IsotonicCalibrator(StreamingCalibrator):
         return np.sinh(np.linspace(-u_max, u_max, bins + 1))
 
     def _grid(self) -> tuple[int, float]:
-        if isinstance(self.bins, bool) or not isinstance(self.bins, (int, np.integer)) or self.bins < 1:
-            raise ValueError(f"bins must be a positive integer, got {self.bins!r}")
-        if not 0.0 < float(self.z_max) < np.inf:
-            raise ValueError(f"z_max must be positive and finite, got {self.z_max!r}")
+        self._validate_params()
         return int(self.bins), float(np.arcsinh(float(self.z_max)))
 
     def _summarize(self, mean, std, target):

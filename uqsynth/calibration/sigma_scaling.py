@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from scipy.special import ndtr, ndtri
 from sklearn.utils.validation import check_is_fitted
 
 from uqsynth.calibration.base import StreamingCalibrator, check_inputs, check_probabilities
+from uqsynth.config import Interval
 
 
 class SigmaScaling(StreamingCalibrator):
@@ -38,12 +41,10 @@ class SigmaScaling(StreamingCalibrator):
 
     _summary_names = ("sum_sq_", "n_")
 
-    def __init__(self, *, min_scale: float = 1e-6) -> None:
+    def __init__(self, *, min_scale: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-6) -> None:
         self.min_scale = min_scale
 
     def _summarize(self, mean, std, target):
-        if not float(self.min_scale) > 0.0:
-            raise ValueError(f"min_scale must be positive, got {self.min_scale!r}")
         z = (target - mean) / std
         return {"sum_sq_": np.asarray(np.sum(z * z), dtype=np.float64)}
 

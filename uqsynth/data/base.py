@@ -33,6 +33,10 @@ class SubjectVolumes:
             outputs can be written in the input's own grid with its metadata.
         source_path: Where ``source`` was read from (``None`` when generated).
         target_path: Where ``target`` was read from (``None`` when generated).
+        info: Dataset-specific facts about the subject (e.g. the mask file).
+        warnings: One line each for what looks wrong but not fatal about the
+            inputs (:mod:`uqsynth.data.assumptions`), e.g. a volume that may not
+            be skull-stripped; every consumer shows or records them.
     """
 
     subject_id: str
@@ -44,6 +48,7 @@ class SubjectVolumes:
     source_path: Path | None = None
     target_path: Path | None = None
     info: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Dataset(ABC):
@@ -63,5 +68,41 @@ class Dataset(ABC):
     def load(self, subject_id: str) -> SubjectVolumes:
         """Load one subject's volumes (validated: shapes, affines, finite values)."""
 
+    def scan_summary(self) -> list[str]:
+        """Lines for the run's log: how many subjects were found, and what was left out and why.
+
+        Datasets that scan folders override this to name every file or
+        folder they did not use (:mod:`uqsynth.data.discovery`).
+        """
+        return [f"found {len(self)} subject(s)"]
+
     def __len__(self) -> int:
         return len(self.subject_ids())
+
+
+class RecordingDataset(Dataset):
+    """A dataset seen through a recorder of the input warnings of each subject loaded.
+
+    Consumers that load subjects indirectly (``TrainSlices`` loads the
+    training subjects itself) pass this instead, then report
+    :attr:`warnings` (subject id -> lines), so no warning is lost on the way.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.warnings: dict[str, list[str]] = {}
+
+    def subject_ids(self) -> list[str]:
+        """The wrapped dataset's subject ids."""
+        return self.dataset.subject_ids()
+
+    def load(self, subject_id: str) -> SubjectVolumes:
+        """Load through the wrapped dataset, keeping the subject's warnings."""
+        volumes = self.dataset.load(subject_id)
+        if volumes.warnings:
+            self.warnings[subject_id] = list(volumes.warnings)
+        return volumes
+
+    def scan_summary(self) -> list[str]:
+        """The wrapped dataset's summary."""
+        return self.dataset.scan_summary()

@@ -6,22 +6,27 @@ Two naming schemes cover the releases:
   (2021 only changed the ids, e.g. ``BraTS2021_00000``);
 * BraTS 2023 and later: ``<id>/<id>-t1n.nii.gz``, ``-t2w``, ``-t2f``, ``-t1c``, ``-seg``.
 
-Either may be ``.nii`` or ``.nii.gz``. Users name contrasts generically
+Either may be ``.nii`` or ``.nii.gz``, and names are matched without regard
+to case (``S01_T1.NII.GZ``; the BraTS-TCGA segmentations' ``_t1Gd`` is the
+2018-2021 naming's ``t1ce``). Users name contrasts generically
 (``t1``, ``t2``, ``flair``, ``t1ce``) and the detected naming maps them to
 file suffixes, so one configuration works on any release. Subject folders are
 found at any depth below the root (the 2018 release nests them in ``HGG/`` and
-``LGG/``); a subject's id is taken from its file names, and all of a subject's
-files must sit in one folder.
+``LGG/``), through symbolic links (:mod:`uqsynth.data.discovery`); a subject's
+id is taken from its file names, and all of a subject's files must sit in one
+folder. What the scan did not use (files of no naming, other contrasts,
+folders with no subject, hidden twins) is listed by ``scan_summary()``.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from uqsynth.data.base import Dataset, SubjectVolumes
+from uqsynth.data.discovery import Walk, describe_endings, leaf_folders, left_out, walk
 from uqsynth.data.nifti import load_pair
 from uqsynth.errors import ConfigError, DataError
 
@@ -40,21 +45,27 @@ class Naming:
     name: str
     separator: str
     suffixes: dict[str, str]
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def example(self, contrast: str) -> str:
         """Show the expected path for ``contrast``, for messages."""
         return f"<id>/<id>{self.separator}{self.suffix(contrast)}.nii[.gz]"
 
     def suffix(self, contrast: str) -> str:
-        """Map a generic contrast name (or a literal suffix such as a mask's) to this naming."""
-        return self.suffixes.get(contrast, contrast)
+        """Map a generic contrast name (or a literal suffix such as a mask's) to this naming, in lower case."""
+        return self.suffixes.get(contrast, contrast).lower()
+
+    def canonical(self, suffix: str) -> str:
+        """The suffix a matched one stands for (lower case, aliases resolved)."""
+        suffix = suffix.lower()
+        return self.aliases.get(suffix, suffix)
 
     def pattern(self, extra: tuple[str, ...] = ()) -> re.Pattern[str]:
-        """Regex giving ``id`` and ``suffix`` for a file name of this naming."""
-        suffixes = sorted({*self.suffixes.values(), *extra}, key=len, reverse=True)
+        """Regex giving ``id`` and ``suffix`` for a file name of this naming, in any case."""
+        suffixes = sorted({*self.suffixes.values(), *self.aliases, *extra}, key=len, reverse=True)
         alternatives = "|".join(re.escape(suffix) for suffix in suffixes)
         separator = re.escape(self.separator)
-        return re.compile(rf"^(?P<id>.+){separator}(?P<suffix>{alternatives})\.nii(?:\.gz)?$")
+        return re.compile(rf"^(?P<id>.+){separator}(?P<suffix>{alternatives})\.nii(?:\.gz)?$", re.IGNORECASE)
 
 
 NAMINGS = (
@@ -62,6 +73,7 @@ NAMINGS = (
         "BraTS 2018-2021",
         "_",
         {"t1": "t1", "t2": "t2", "flair": "flair", "t1ce": "t1ce", "seg": "seg"},
+        {"t1gd": "t1ce"},  # BraTS-TCGA-GBM/LGG (TCIA) name the contrast-enhanced T1 "t1Gd"
     ),
     Naming(
         "BraTS 2023+",
@@ -89,30 +101,30 @@ def _check_contrast(name: str, what: str) -> None:
         raise ConfigError(f"unknown {what} contrast {name!r}; expected one of {', '.join(CONTRASTS)}")
 
 
-def _nifti_files(root: Path) -> list[Path]:
-    # Hidden entries are skipped: macOS leaves "._<name>.nii.gz" twins in unpacked archives.
-    files = [*root.rglob("*.nii"), *root.rglob("*.nii.gz")]
-    return sorted(
-        path
-        for path in files
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
-
-
-def _detect(root: Path, extra: tuple[str, ...]) -> tuple[Naming, list[tuple[Path, re.Match[str]]]]:
-    """Find the one naming used under ``root`` and the files that follow it."""
+def _detect(
+    walked: Walk, extra: tuple[str, ...]
+) -> tuple[Naming, list[tuple[Path, re.Match[str]]], list[Path]]:
+    """Find the one naming used under the root, the files that follow it and those that follow none."""
+    root = walked.root
     by_naming: dict[str, list[tuple[Path, re.Match[str]]]] = defaultdict(list)
     folders: dict[Path, set[str]] = defaultdict(set)
+    unnamed: list[Path] = []
     patterns = [(n, n.pattern(tuple(n.suffix(e) for e in extra))) for n in NAMINGS]
-    for path in _nifti_files(root):
+    for path in walked.files:
+        matched = False
         for naming, pattern in patterns:
             match = pattern.match(path.name)
             if match:
+                matched = True
                 by_naming[naming.name].append((path, match))
                 folders[path.parent].add(naming.name)
+        if not matched:
+            unnamed.append(path)
     if not by_naming:
         looked_for = " and ".join(f"{n.example('t1')} ({n.name})" for n in NAMINGS)
-        raise DataError(f"no BraTS subjects found under {root}: looked for {looked_for}")
+        held = (f"; its {len(unnamed)} NIfTI file(s) follow neither, e.g. {unnamed[0].relative_to(root)}"
+                if unnamed else "; it holds no NIfTI files (.nii or .nii.gz)")
+        raise DataError(f"no BraTS subjects found under {root}: looked for {looked_for}{held}")
     for folder, names in folders.items():
         if len(names) > 1:
             raise DataError(
@@ -125,13 +137,13 @@ def _detect(root: Path, extra: tuple[str, ...]) -> tuple[Naming, list[tuple[Path
         )
         raise DataError(f"BraTS root {root} mixes namings: {examples}; keep one naming per root")
     (name, files), = by_naming.items()
-    return next(n for n in NAMINGS if n.name == name), files
+    return next(n for n in NAMINGS if n.name == name), files, unnamed
 
 
-def _group(files: list[tuple[Path, re.Match[str]]]) -> dict[str, _Subject]:
+def _group(files: list[tuple[Path, re.Match[str]]], naming: Naming) -> dict[str, _Subject]:
     subjects: dict[str, _Subject] = {}
     for path, match in files:
-        subject_id, suffix = match["id"], match["suffix"]
+        subject_id, suffix = match["id"], naming.canonical(match["suffix"])
         subject = subjects.setdefault(subject_id, _Subject(path.parent, defaultdict(list)))
         if subject.folder != path.parent:
             raise DataError(
@@ -155,24 +167,52 @@ def _one_file(subject_id: str, subject: _Subject, naming: Naming, contrast: str)
     return paths[0]
 
 
-def _scan(root: str | Path, contrasts: tuple[str, ...]) -> tuple[Naming, dict[str, dict[str, Path]]]:
-    """Map every subject under ``root`` to its file for each of ``contrasts``."""
+def _notes(
+    walked: Walk,
+    naming: Naming,
+    subjects: dict[str, _Subject],
+    unnamed: list[Path],
+    contrasts: tuple[str, ...],
+) -> list[str]:
+    """``scan_summary()``: how many subjects, and every file or folder the scan did not use, with why."""
+    root = walked.root
+    used = {naming.suffix(c) for c in contrasts}
+    unused = {path: suffix for s in subjects.values() for suffix, paths in s.files.items() if suffix not in used
+              for path in paths}
+    holding = {path.parent for path in walked.files}  # unnamed NIfTI files are listed one by one above
+    empty = [folder for folder in leaf_folders(walked) if folder not in holding and folder != root]
+    return [
+        f"found {len(subjects)} subject(s) under {root} ({naming.name} naming, {naming.example(contrasts[0])})",
+        *left_out(root, unnamed, "NIfTI file", "NIfTI files", f"named in no BraTS naming, e.g. not {naming.example('t1')}"),
+        *left_out(root, list(unused), "file", "files",
+                  f"contrasts not asked for: {', '.join(sorted(set(unused.values())))}"),
+        *left_out(root, empty, "folder", "folders", "no subject files in it",
+                  {folder: describe_endings(walked.folders[folder]) for folder in empty}),
+        *walked.notes(),
+    ]
+
+
+def _scan(
+    root: str | Path, contrasts: tuple[str, ...]
+) -> tuple[Naming, dict[str, dict[str, Path]], list[str]]:
+    """Map every subject under ``root`` to its file for each of ``contrasts``; also the scan's notes."""
     root = Path(root)
     _check_root(root)
-    naming, files = _detect(root, contrasts)
-    subjects = _group(files)
+    walked = walk(root)
+    naming, files, unnamed = _detect(walked, contrasts)
+    subjects = _group(files, naming)
     found = {
         subject_id: {c: _one_file(subject_id, subject, naming, c) for c in contrasts}
         for subject_id, subject in sorted(subjects.items())
     }
-    return naming, found
+    return naming, found, _notes(walked, naming, subjects, unnamed, contrasts)
 
 
 def detect_naming(root: str | Path) -> str:
     """Return the name of the BraTS naming used under ``root`` (e.g. ``"BraTS 2023+"``)."""
     root = Path(root)
     _check_root(root)
-    return _detect(root, ())[0].name
+    return _detect(walk(root), ())[0].name
 
 
 def find_subjects(
@@ -195,7 +235,7 @@ def find_subjects(
     _check_contrast(target, "target")
     if source == target:
         raise ConfigError(f"source and target contrast are both {source!r}")
-    _, found = _scan(root, (source, target))
+    _, found, _ = _scan(root, (source, target))
     return {sid: (files[source], files[target]) for sid, files in found.items()}
 
 
@@ -205,9 +245,14 @@ def find_source_only(root: str | Path, contrast: str = "t1") -> dict[str, Path]:
     Returns:
         ``{subject_id: path}`` sorted by id; every subject found must have the contrast.
     """
+    return scan_source_only(root, contrast)[0]
+
+
+def scan_source_only(root: str | Path, contrast: str = "t1") -> tuple[dict[str, Path], list[str]]:
+    """:func:`find_source_only` and the scan's notes (what was found, what was left out and why)."""
     _check_contrast(contrast, "source")
-    _, found = _scan(root, (contrast,))
-    return {sid: files[contrast] for sid, files in found.items()}
+    _, found, notes = _scan(root, (contrast,))
+    return {sid: files[contrast] for sid, files in found.items()}, notes
 
 
 class BratsDataset(Dataset):
@@ -240,11 +285,15 @@ class BratsDataset(Dataset):
         if source == target:
             raise ConfigError(f"source and target contrast are both {source!r}")
         contrasts = (source, target) if mask is None else (source, target, mask)
-        self.naming_, self._files = _scan(self.root, contrasts)
+        self.naming_, self._files, self.notes_ = _scan(self.root, contrasts)
 
     def subject_ids(self) -> list[str]:
         """Return the subject ids, sorted."""
         return sorted(self._files)
+
+    def scan_summary(self) -> list[str]:
+        """How many subjects the scan found, and each file or folder it left out, with why."""
+        return list(self.notes_)
 
     def load(self, subject_id: str) -> SubjectVolumes:
         """Load and validate one subject's source, target (and mask) volumes."""
@@ -258,6 +307,7 @@ class BratsDataset(Dataset):
             mask_path=files[self.mask] if self.mask is not None else None,
             source_role=_ROLE[self.source],
             target_role=_ROLE[self.target],
+            mask_option='the brats dataset\'s mask option, e.g. mask = "brainmask" for <id>_brainmask.nii.gz',
         )
 
     def __repr__(self) -> str:

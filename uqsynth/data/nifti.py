@@ -6,10 +6,17 @@ Every NIfTI dataset and ``uqsynth predict`` read through :func:`load_volume` /
 a traceback from deep inside nibabel or, worse, a silent NaN in a loss.
 Outputs are written by :func:`save_like` in the input's own grid and header,
 so a radiologist can overlay them on the original scan.
+
+A file is checked against its own header before its data are read
+(:func:`_check_size`): a damaged header claiming a huge shape would otherwise
+make the reader allocate that much memory before finding out. And every
+subject's volumes are checked against what uqsynth assumes of them
+(skull-stripped magnitude images, :mod:`uqsynth.data.assumptions`).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -20,14 +27,26 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from uqsynth._files import atomic_path
+from uqsynth.data.assumptions import InputWarning, MaskOrigin, check_inputs
 from uqsynth.data.base import SubjectVolumes
+from uqsynth.data.discovery import nifti_stem
 from uqsynth.errors import DataError
 
 #: Largest difference (mm, any affine entry) still accepted as "the same grid".
 AFFINE_TOLERANCE_MM = 1e-4
 
-#: File name endings recognized as NIfTI.
+#: File name endings recognized as NIfTI (in any case).
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+#: Most voxels a header may claim: a 1024^3 grid, 0.2 mm isotropic over a
+#: 20 cm head, beyond clinical and research MRI (and 4 GiB as float32 in memory).
+MAX_VOXELS = 1024**3
+
+#: Deflate expands data at most 1032-fold, so a .nii.gz of c bytes holds at
+#: most 1032 c bytes, whatever its trailer says.
+DEFLATE_MAX_RATIO = 1032
+
+_GZIP_MAGIC = b"\x1f\x8b"
 
 # Everything nibabel / gzip / the OS raise for a file that cannot be read as an image.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
@@ -52,6 +71,75 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def _bytes(n: int) -> str:
+    if n < 10**6:
+        return f"{n:,} bytes"
+    return f"{n / 1e6:,.1f} MB" if n < 10**9 else f"{n / 1e9:,.1f} GB"
+
+
+def _decompressed_size(path: Path, enough: int) -> tuple[int, bool]:
+    """Bytes the gzip file decompresses to (counting stops at ``enough``), and whether it ended early.
+
+    Streams in chunks, every gzip member in turn, so memory stays small
+    whatever the header claims.
+    """
+    total, inside = 0, False  # inside: a member has begun and not yet ended
+    decompressor = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as handle:
+        while total < enough:
+            data = handle.read(1 << 20)
+            if not data:
+                break
+            while data and total < enough:
+                inside = True
+                total += len(decompressor.decompress(data, 1 << 24))
+                data = decompressor.unconsumed_tail
+                if decompressor.eof:
+                    rest, inside = decompressor.unused_data, False
+                    decompressor = zlib.decompressobj(wbits=31)
+                    # Another member follows, or padding that gzip readers ignore.
+                    data = rest if rest and _GZIP_MAGIC.startswith(rest[:2]) else b""
+    return total, inside and total < enough
+
+
+def _held(path: Path, needed: int) -> tuple[int, str]:
+    """An upper bound on the bytes ``path`` holds (exact when short of ``needed``), described for messages."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+        handle.seek(max(size - 4, 0))
+        trailer = handle.read(4)
+    if magic != _GZIP_MAGIC:
+        return size, _bytes(size)
+    bound = DEFLATE_MAX_RATIO * size
+    if needed > bound:
+        return bound, f"{_bytes(size)} compressed, at most {_bytes(bound)} once decompressed"
+    # The trailer's ISIZE is the last member's size mod 2**32: exact for the
+    # usual one-member file under 4 GiB. Anything else (several members, a
+    # bigger payload, a trailer that is short) is counted by decompressing.
+    if needed < 2**32 and int.from_bytes(trailer, "little") >= needed:
+        return needed, ""
+    total, truncated = _decompressed_size(path, needed)
+    ended = ", then ends (truncated gzip stream)" if truncated else ""
+    return total, f"{_bytes(total)} once decompressed{ended}"
+
+
+def _check_size(img: nib.Nifti1Pair, path: Path, prefix: str) -> None:
+    """Refuse a header that claims more data than any MRI volume, or than the file holds."""
+    shape = tuple(int(n) for n in img.header.get_data_shape())
+    voxels = math.prod(shape)
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{prefix}: its header claims shape {shape} ({voxels:.3g} voxels), more than any MRI "
+                        f"volume (at most {MAX_VOXELS:.3g}); the header is damaged")
+    dtype = img.get_data_dtype()
+    offset = int(img.dataobj.offset)  # the image's own header copy has it reset to 0
+    needed = offset + voxels * dtype.itemsize
+    held, holds = _held(path, needed)
+    if held < needed:
+        raise DataError(f"{prefix}: its header claims shape {shape} of {dtype} ({_bytes(needed)} with the "
+                        f"header), but the file holds {holds}; it is truncated or its header is damaged")
+
+
 def _read(path: Path, role: str, subject_id: str | None) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read the data with scaling applied; any reading failure becomes a DataError."""
     prefix = f"{_where(subject_id)}cannot read {role} file {path}"
@@ -61,6 +149,7 @@ def _read(path: Path, role: str, subject_id: str | None) -> tuple[np.ndarray, ni
         img = nib.load(path)
         if not isinstance(img, nib.Nifti1Pair):  # Nifti2 derives from Nifti1Pair too
             raise DataError(f"{prefix}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+        _check_size(img, path, prefix)
         # The proxy applies scl_slope/scl_inter, and decompresses lazily, so a
         # truncated .nii.gz only fails here.
         data = np.asanyarray(img.dataobj, dtype=np.float32)
@@ -154,6 +243,7 @@ def load_pair(
     mask_path: str | Path | None = None,
     source_role: str = "source",
     target_role: str = "target",
+    mask_option: str = "the dataset's mask option",
 ) -> SubjectVolumes:
     """Load and cross-check one subject's co-registered source/target volumes.
 
@@ -162,6 +252,8 @@ def load_pair(
     with the target, because at prediction time the target does not exist and
     the mask must be the same in training, evaluation and prediction; the
     volumes are skull-stripped, so background is exactly zero in both anyway.
+    That assumption is checked (:mod:`uqsynth.data.assumptions`): past its
+    limits loading fails, near them the result carries ``warnings``.
 
     Args:
         source_path: The input contrast (e.g. T1w).
@@ -170,12 +262,15 @@ def load_pair(
         mask_path: Optional brain mask file, same grid as the source.
         source_role: How messages call the source file (e.g. ``"T1w"``).
         target_role: How messages call the target file (e.g. ``"T2w"``).
+        mask_option: Where the user gives a mask file, for messages (e.g. ``"mask_glob"``).
 
     Returns:
-        The validated volumes; ``header`` is the source file's header.
+        The validated volumes; ``header`` is the source file's header (with
+        the warnings in ``descrip``, when there are some).
 
     Raises:
-        DataError: A file is unreadable or invalid, or shapes/affines differ.
+        DataError: A file is unreadable or invalid, shapes/affines differ, or
+            the volumes are far outside the assumptions.
     """
     source_path, target_path = Path(source_path), Path(target_path)
     source = load_volume(source_path, role=source_role, subject_id=subject_id)
@@ -183,27 +278,59 @@ def load_pair(
     _check_same_grid(source, target, (source_path, target_path), subject_id)
     if mask_path is None:
         mask = source.array != 0
+        origin = MaskOrigin(source_path, source_role, f"skull-strip it, or give a brain mask file ({mask_option})")
     else:
         mask_path = Path(mask_path)
         mask_volume = load_volume(mask_path, role="mask", subject_id=subject_id)
         _check_same_grid(source, mask_volume, (source_path, mask_path), subject_id)
         mask = mask_volume.array != 0
+        origin = MaskOrigin(mask_path, "mask", "give a mask of the brain only")
+    warnings = check_inputs(subject_id=subject_id, mask=mask, origin=origin, images=[
+        (source_role, source_path, source.array), (target_role, target_path, target.array)])
     return SubjectVolumes(
         subject_id=subject_id,
         source=source.array,
         target=target.array,
         mask=mask,
         affine=source.affine,
-        header=source.header,
+        header=_noting(source.header, warnings),
         source_path=source_path,
         target_path=target_path,
         info={"mask_path": Path(mask_path) if mask_path is not None else None},
+        warnings=[warning.message for warning in warnings],
     )
 
 
+def load_source(path: str | Path, *, subject_id: str, role: str = "T1w") -> SubjectVolumes:
+    """One source volume without a target (``uqsynth predict``'s inputs), checked as :func:`load_pair` checks.
+
+    The mask is the source's nonzero voxels, as in training.
+    """
+    path = Path(path)
+    image = load_volume(path, role=role, subject_id=subject_id)
+    mask = image.array != 0
+    origin = MaskOrigin(path, role, "skull-strip it (predict takes skull-stripped volumes)")
+    warnings = check_inputs(subject_id=subject_id, mask=mask, origin=origin, images=[(role, path, image.array)])
+    return SubjectVolumes(
+        subject_id=subject_id, source=image.array, target=None, mask=mask, affine=image.affine,
+        header=_noting(image.header, warnings), source_path=path,
+        warnings=[warning.message for warning in warnings],
+    )
+
+
+def _noting(header: nib.Nifti1Header, warnings: list[InputWarning]) -> nib.Nifti1Header:
+    """The header, with the warnings in ``descrip`` (80 bytes) so every output written in its grid says them."""
+    if not warnings:
+        return header
+    header = header.copy()
+    text = "uqsynth input warning: " + "; ".join(warning.short for warning in warnings)
+    header["descrip"] = text.encode("ascii", "replace")[:80]
+    return header
+
+
 def is_nifti(path: str | Path) -> bool:
-    """Return whether ``path`` has a NIfTI file name (``.nii`` or ``.nii.gz``)."""
-    return str(path).endswith(NIFTI_SUFFIXES)
+    """Return whether ``path`` has a NIfTI file name (``.nii`` or ``.nii.gz``, in any case)."""
+    return nifti_stem(Path(path).name) is not None
 
 
 def save_like(

@@ -1,6 +1,14 @@
 """Stochastic layers: the interface, the sampling switch and the built-in layers."""
 
-from uqsynth.layers.base import StochasticLayer, mask_shape, sampling, set_sampling, stochastic_layers, total_regularizer
+from uqsynth.layers.base import (
+    StochasticLayer,
+    WeightSlice,
+    mask_shape,
+    sampling,
+    set_sampling,
+    stochastic_layers,
+    total_regularizer,
+)
 from uqsynth.layers.concrete_dropout import ConcreteDropout
 from uqsynth.layers.mc_dropout import MCDropout
 
@@ -8,6 +16,7 @@ __all__ = [
     "ConcreteDropout",
     "MCDropout",
     "StochasticLayer",
+    "WeightSlice",
     "mask_shape",
     "sampling",
     "set_sampling",

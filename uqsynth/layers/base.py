@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,18 +32,22 @@ class StochasticLayer(nn.Module):
     inverted dropout is the identity (the expectation of the sampled output;
     only approximately so for relaxed masks such as concrete dropout's).
 
-    A layer may depend on the weights of the layer it follows (concrete
-    dropout regularizes them); the host network tells it which through
-    :meth:`attach_weights`. Layers learn nothing about their input's shape
-    until the first forward pass, so their regularizer is only defined after it.
+    A layer may depend on the weights around it (concrete dropout
+    regularizes some); the host network tells it, through
+    :meth:`attach_weights`, both candidates: the *preceding* weights (the
+    layer whose output it perturbs) and the *consuming* weights (the part of
+    the next layer that reads its output). Layers that need neither ignore
+    them. Layers learn nothing about their input's shape until the first
+    forward pass, so their regularizer is only defined after it.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.sampling = False
-        # A plain list keeps the attached parameters out of this module's
-        # state_dict and parameters(): they belong to the preceding layer.
-        self._attached: list[nn.Parameter] = []
+        # Plain lists keep the attached parameters out of this module's
+        # state_dict and parameters(): they belong to the neighbouring layers.
+        self._preceding: list[WeightSlice] = []
+        self._consuming: list[WeightSlice] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.sample(x) if self.sampling else self.deterministic(x)
@@ -67,21 +72,104 @@ class StochasticLayer(nn.Module):
         """Return the learned dropout probability, or ``None`` when it is fixed."""
         return None
 
-    def attach_weights(self, weights: Iterable[nn.Parameter]) -> None:
-        """Tell the layer which weights precede it (``M`` in the paper's eq. 4.4)."""
-        self._attached = list(weights)
+    def check_attached(self) -> None:
+        """Raise if the weights the host attached are not what this layer needs; the default needs none.
+
+        Called once the host network is built, so a mismatch is refused
+        before training rather than at the first regularizer.
+        """
+
+    def attach_weights(
+        self,
+        preceding: Iterable[nn.Parameter | WeightSlice] = (),
+        consuming: Iterable[nn.Parameter | WeightSlice] = (),
+    ) -> None:
+        """Tell the layer the weights on either side of it; called by the host network.
+
+        Both are given, so a layer (or its configuration) chooses which its
+        regularizer uses. ``preceding`` comes first so that hosts written for
+        the one-argument form, ``attach_weights([conv.weight])``, keep meaning
+        what they meant.
+
+        Args:
+            preceding: Weights of the layer whose output this layer perturbs.
+            consuming: Weights that read this layer's output: a whole
+                parameter, or a :class:`WeightSlice` of the next layer's
+                weight when that layer also reads other inputs (a skip).
+        """
+        self._preceding = [WeightSlice.of(w) for w in preceding]
+        self._consuming = [WeightSlice.of(w) for w in consuming]
 
     @property
-    def attached_weights(self) -> list[nn.Parameter]:
+    def preceding_weights(self) -> list[torch.Tensor]:
         """The weights of the layer this one follows, as set by :meth:`attach_weights`."""
-        return self._attached
+        return [w.tensor() for w in self._preceding]
+
+    @property
+    def consuming_weights(self) -> list[torch.Tensor]:
+        """The weights that read this layer's output, sliced now (views of the live parameters)."""
+        return [w.tensor() for w in self._consuming]
+
+    @property
+    def attached_weights(self) -> list[torch.Tensor]:
+        """Alias of :attr:`preceding_weights`, the only kind before both were attached."""
+        return self.preceding_weights
 
     def _device(self) -> torch.device:
         for tensor in self.parameters():
             return tensor.device
-        for tensor in self._attached:
-            return tensor.device
+        for attached in (*self._preceding, *self._consuming):
+            return attached.weight.device
         return torch.device("cpu")
+
+
+@dataclass(frozen=True, eq=False)
+class WeightSlice:
+    """A parameter, or the part of it between ``start`` and ``stop`` along ``dim``, read when needed.
+
+    The slice is taken each time :meth:`tensor` is called, never stored: a
+    view taken at build time would keep reading the old storage once
+    ``.to()``, ``.double()`` or ``.cuda()`` swap the parameter's data, and a
+    copy would not pass gradients back. The parameter object itself is
+    held, as the optimizer holds it (``load_state_dict`` copies into it), and
+    ``copy.deepcopy`` (the weight average) points the copy at its own.
+
+    Attributes:
+        weight: The parameter.
+        dim: The dimension sliced (the input channels: 0 for a
+            ``ConvTranspose2d`` weight, 1 for a ``Conv2d`` one).
+        start: First index of the slice.
+        stop: One past the last index; ``None`` for the end.
+    """
+
+    weight: nn.Parameter
+    dim: int = 0
+    start: int = 0
+    stop: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dim < self.weight.dim():
+            raise ValueError(f"dim {self.dim} is not a dimension of a weight of shape {tuple(self.weight.shape)}")
+        size = self.weight.shape[self.dim]
+        stop = size if self.stop is None else self.stop
+        if not 0 <= self.start < stop <= size:
+            raise ValueError(
+                f"slice {self.start}:{self.stop} is empty or outside dimension {self.dim} "
+                f"(size {size}) of a weight of shape {tuple(self.weight.shape)}"
+            )
+
+    @classmethod
+    def of(cls, weight: nn.Parameter | WeightSlice) -> WeightSlice:
+        """``weight`` itself if it is a slice already, else all of it."""
+        return weight if isinstance(weight, WeightSlice) else cls(weight)
+
+    def tensor(self) -> torch.Tensor:
+        """The slice of the parameter as it is now: a view (or, whole, the parameter), so gradients reach it."""
+        size = self.weight.shape[self.dim]
+        stop = size if self.stop is None else self.stop
+        if self.start == 0 and stop == size:
+            return self.weight
+        return self.weight.narrow(self.dim, self.start, stop - self.start)
 
 
 def mask_shape(x: torch.Tensor, channelwise: bool) -> tuple[int, ...]:

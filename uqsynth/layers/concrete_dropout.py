@@ -11,14 +11,27 @@ temperature ``t``::
 hard keep rate is exactly ``1 - p`` at any temperature. The relaxed mask's
 mean is only close to ``1 - p``: at t = 0.1 the sampled output averages about
 0.1-0.2 % below the input (about 9 % at t = 1), so the deterministic pass
-(the identity) is an approximation of the mean, as in Gal et al. Each layer adds the
-paper's eq. 4.4 to the loss::
+(the identity) is an approximation of the mean, as in Gal et al. Each layer adds
+the paper's eq. 4.4 to the loss::
 
-    weight_reg * ||M||^2 / (1 - p) + dropout_reg * K * (p log p + (1 - p) log(1 - p))
+    weight_reg * ||W||^2 / (1 - p) + dropout_reg * K * (p log p + (1 - p) log(1 - p))
 
-where ``M`` are the weights of the layer the dropout follows (attached by the
-host network) and ``K`` is the number of input channels (the paper) or all
-C*H*W input elements (the reference notebook), chosen with ``k``.
+where ``K`` is the number of input channels (the paper) or all C*H*W input
+elements (the reference notebook), chosen with ``k``, and ``W`` are weights
+the host network attaches, chosen with ``weight_term``:
+
+- ``"consuming"`` (the default): the weights that read the dropped units,
+  i.e. the next layer's (only its input channels fed by this layer, when a
+  skip is concatenated). This is Gal, Hron & Kendall's derivation, whose
+  KL term ``l^2 (1 - p) / 2 * ||M||^2`` is on the weights of the layer whose
+  inputs are dropped; with inverted dropout their reference code
+  (yaringal/ConcreteDropout) computes ``weight_regularizer * sum_of_square /
+  (1 - p)`` over the kernel of the wrapped layer, the one that consumes the
+  dropped input.
+- ``"preceding"``: the weights of the layer the dropout follows, as the
+  reproduced paper's text puts it ("the layer before the dropout layer",
+  under its eq. 4.4) and as uqsynth did before the option existed (set it
+  to reproduce those runs).
 """
 
 from __future__ import annotations
@@ -29,7 +42,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from uqsynth.errors import PluginError
 from uqsynth.layers.base import StochasticLayer, mask_shape
+
+WEIGHT_TERMS = ("consuming", "preceding")
 
 
 class ConcreteDropout(StochasticLayer):
@@ -38,10 +54,14 @@ class ConcreteDropout(StochasticLayer):
     Args:
         init_p: Initial dropout probability, in (0, 1).
         temperature: Relaxation temperature ``t``; smaller is closer to Bernoulli.
-        weight_reg: Weight of the ``||M||^2 / (1 - p)`` term.
+        weight_reg: Weight of the ``||W||^2 / (1 - p)`` term.
         dropout_reg: Weight of the negative-entropy term.
         k: ``"channels"`` (K = input channels, the paper) or ``"elements"``
             (K = C*H*W per sample, as in Gal's reference notebook).
+        weight_term: Which weights ``W`` are: ``"consuming"`` (those reading
+            the dropped units, Gal et al.'s derivation) or ``"preceding"``
+            (the layer before the dropout, the paper's wording); see the
+            module docstring.
         channelwise: One mask value per sample and channel (spatial dropout).
         eps: Added inside the logarithms of the relaxation for stability.
     """
@@ -54,6 +74,7 @@ class ConcreteDropout(StochasticLayer):
         weight_reg: float = 1e-6,
         dropout_reg: float = 1e-5,
         k: Literal["channels", "elements"] = "channels",
+        weight_term: Literal["consuming", "preceding"] = "consuming",
         channelwise: bool = False,
         eps: float = 1e-7,
     ) -> None:
@@ -66,11 +87,14 @@ class ConcreteDropout(StochasticLayer):
             raise ValueError("weight_reg and dropout_reg must be non-negative")
         if k not in ("channels", "elements"):
             raise ValueError(f'k must be "channels" or "elements", got {k!r}')
+        if weight_term not in WEIGHT_TERMS:
+            raise ValueError(f'weight_term must be "consuming" or "preceding", got {weight_term!r}')
         self.p_logit = nn.Parameter(torch.tensor(math.log(init_p) - math.log1p(-init_p)))
         self.temperature = float(temperature)
         self.weight_reg = float(weight_reg)
         self.dropout_reg = float(dropout_reg)
         self.k = k
+        self.weight_term = weight_term
         self.channelwise = bool(channelwise)
         self.eps = float(eps)
         self._input_shape: tuple[int, ...] | None = None
@@ -96,9 +120,36 @@ class ConcreteDropout(StochasticLayer):
             raise RuntimeError("ConcreteDropout.regularizer() needs one forward pass first to know K")
         return self._input_shape[0] if self.k == "channels" else math.prod(self._input_shape)
 
+    def check_attached(self) -> None:
+        """Refuse a host that attached only the other kind of weights (see :meth:`regularized_weights`)."""
+        self.regularized_weights()
+
+    def regularized_weights(self) -> list[torch.Tensor]:
+        """The weights ``W`` of the weight term, as chosen by ``weight_term``.
+
+        Raises:
+            PluginError: If the host network attached only the other kind
+                (a generator written for the one-argument ``attach_weights``):
+                the weight term would silently be zero.
+        """
+        chosen, other = (
+            (self.consuming_weights, self.preceding_weights)
+            if self.weight_term == "consuming"
+            else (self.preceding_weights, self.consuming_weights)
+        )
+        if not chosen and other:
+            missing = "the layer reading its output" if self.weight_term == "consuming" else "the layer before it"
+            raise PluginError(
+                f"concrete dropout with weight_term = {self.weight_term!r} regularizes the weights of {missing}, "
+                "but the generator attached only the other kind; set weight_term = "
+                f"{WEIGHT_TERMS[1 - WEIGHT_TERMS.index(self.weight_term)]!r} or have the generator pass "
+                f"attach_weights({self.weight_term}=...)"
+            )
+        return chosen
+
     def regularizer(self) -> torch.Tensor:
         p = torch.sigmoid(self.p_logit)
-        squared_norm = sum((w.pow(2).sum() for w in self.attached_weights), torch.zeros((), device=p.device))
+        squared_norm = sum((w.pow(2).sum() for w in self.regularized_weights()), torch.zeros((), device=p.device))
         weight_term = self.weight_reg * squared_norm / (1 - p)
         negative_entropy = p * torch.log(p) + (1 - p) * torch.log(1 - p)
         dropout_term = self.dropout_reg * self.input_dimensionality() * negative_entropy
@@ -108,5 +159,6 @@ class ConcreteDropout(StochasticLayer):
         p = torch.sigmoid(self.p_logit.detach()).item()
         return (
             f"p={p:.4f}, temperature={self.temperature}, weight_reg={self.weight_reg}, "
-            f"dropout_reg={self.dropout_reg}, k={self.k!r}, channelwise={self.channelwise}"
+            f"dropout_reg={self.dropout_reg}, k={self.k!r}, weight_term={self.weight_term!r}, "
+            f"channelwise={self.channelwise}"
         )

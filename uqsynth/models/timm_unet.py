@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from uqsynth.errors import first_line
-from uqsynth.layers.base import StochasticLayer
+from uqsynth.layers.base import StochasticLayer, WeightSlice
 from uqsynth.models.base import Generator
 from uqsynth.models.init import init_weights
 
@@ -48,17 +48,18 @@ class DecoderStep(nn.Module):
     """One decoder step: upsample x2, then an optional stochastic layer, then fuse the skip.
 
     ``up`` is ConvTranspose2d (k4, s2, p1, as pix2pix) -> BatchNorm -> ReLU;
-    the stochastic layer (if any) follows it and regularizes the transposed
-    convolution's weight; ``fuse`` concatenates the encoder feature of the new
-    resolution (skip first, as pix2pix) and mixes it with Conv3x3 ->
-    BatchNorm -> ReLU. Steps below the encoder's shallowest feature have no
-    skip and fuse their own output only. Convolutions followed by BatchNorm
-    have no bias.
+    the stochastic layer (if any) follows it; ``fuse`` concatenates the
+    encoder feature of the new resolution (skip first, as pix2pix) and mixes
+    it with Conv3x3 -> BatchNorm -> ReLU. The layer's regularizer may use the
+    transposed convolution's weight (preceding) or the input channels of
+    ``fuse.conv`` that read its output (consuming). Steps below the
+    encoder's shallowest feature have no skip and fuse their own output
+    only. Convolutions followed by BatchNorm have no bias.
 
     The upsampling is a transposed convolution rather than bilinear
-    interpolation followed by a convolution: it is pix2pix's, and the
-    stochastic layer after it regularizes a weight that does the upsampling,
-    as concrete dropout does in the paper's U-Net.
+    interpolation followed by a convolution: it is pix2pix's, and with
+    ``weight_term = "preceding"`` the stochastic layer after it regularizes
+    a weight that does the upsampling, as in the paper's U-Net.
 
     Attributes:
         up: The upsampling layers (``conv``, ``norm``, ``relu``).
@@ -84,8 +85,17 @@ class DecoderStep(nn.Module):
 
     @property
     def conv(self) -> nn.ConvTranspose2d:
-        """The step's transposed convolution (whose weight a stochastic layer regularizes)."""
+        """The step's transposed convolution (the *preceding* weight of its stochastic layer)."""
         return self.up.conv
+
+    def consuming_weight(self) -> WeightSlice:
+        """The weights that read the stochastic layer's output: ``fuse.conv``'s last input channels.
+
+        :meth:`join` concatenates ``cat[skip, h]``, so ``h`` owns the input
+        channels after the skip's (dim 1 of a ``Conv2d`` weight); without a
+        skip, all of them.
+        """
+        return WeightSlice(self.fuse.conv.weight, dim=1, start=self.skip_channels)
 
     def join(self, h: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """The rest of the step after ``up``: stochastic layer, skip (popped from ``skips``), fuse."""
@@ -222,7 +232,7 @@ class TimmUnetGenerator(Generator):
             layer = stochastic_layer()
             if not isinstance(layer, StochasticLayer):
                 raise TypeError(f"stochastic_layer must build a StochasticLayer, not {type(layer).__name__}")
-            layer.attach_weights([step.conv.weight])
+            layer.attach_weights(preceding=[step.conv.weight], consuming=[step.consuming_weight()])
             step.stochastic = layer
         init_weights(self.steps)
         init_weights(self.head)
@@ -364,7 +374,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     from safetensors.torch import load_file
 
-    from uqsynth.model_files import holds_pickle
+    from uqsynth.model_files import holds_pickle, nonfinite_tensor
 
     path = Path(path)
     if not path.is_file():
@@ -382,6 +392,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"pretrained_path {str(path)!r}: cannot read it as a safetensors checkpoint: {first_line(exc)}"
         ) from None
+    problem = nonfinite_tensor(state)
+    if problem is not None:
+        raise ValueError(f"pretrained_path {str(path)!r} is unusable: its {problem}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from uqsynth.layers.base import StochasticLayer
+from uqsynth.layers.base import StochasticLayer, WeightSlice
 from uqsynth.models.base import Generator
 from uqsynth.models.init import init_weights
 
@@ -64,7 +64,7 @@ class UpBlock(nn.Module):
 
     @property
     def conv(self) -> nn.ConvTranspose2d:
-        """The block's transposed convolution (whose weight a stochastic layer regularizes)."""
+        """The block's transposed convolution (the *preceding* weight of its stochastic layer)."""
         return self.body.conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,10 @@ class UnetGenerator(Generator):
     skip concatenation. Positions count transposed convolutions from the
     bottleneck: 1 is the innermost, ``num_downs`` the outermost. The paper
     (following the pix2pix dropout slots) uses ``(2, 3, 4)``: feature maps of
-    512x4x4, 512x8x8 and 512x16x16 at 256x256.
+    512x4x4, 512x8x8 and 512x16x16 at 256x256. Each layer is given two
+    candidate weights for its regularizer: its block's transposed
+    convolution (preceding) and the input channels it feeds of the next
+    block's (consuming).
 
     Args:
         image_size: Side of the (square) training images; a power of two >= 8.
@@ -183,9 +186,21 @@ class UnetGenerator(Generator):
             layer = stochastic_layer()
             if not isinstance(layer, StochasticLayer):
                 raise TypeError(f"stochastic_layer must build a StochasticLayer, not {type(layer).__name__}")
-            layer.attach_weights([block.conv.weight])
+            layer.attach_weights(preceding=[block.conv.weight], consuming=[self._consuming_weight(position)])
             block.stochastic = layer
         init_weights(self)
+
+    def _consuming_weight(self, position: int) -> WeightSlice:
+        """The weights that read the output of the stochastic layer at ``position``.
+
+        Its output is joined as ``cat[skip, h]`` (:meth:`_join`) and read by
+        the next block's transposed convolution, whose weight is ``(in, out,
+        k, k)``: ``h`` comes last, so it owns the last input channels. The
+        skip's channels are not regularized, since they never see the mask.
+        """
+        dropped = self.ups[position - 1].conv.out_channels
+        conv = self.ups[position].conv
+        return WeightSlice(conv.weight, dim=0, start=conv.in_channels - dropped)
 
     def _check_positions(self, positions: Sequence[int]) -> tuple[int, ...]:
         valid = range(1, self.num_downs)

@@ -39,6 +39,7 @@ from sklearn.exceptions import NotFittedError
 from uqsynth.testing._contract import parametrize, run_checks
 from uqsynth.calibration.base import Calibrator
 from uqsynth.calibration.io import load_calibrator, save_calibrator
+from uqsynth.config import Interval, declaration_problems, declared_constraints, validate_params
 
 CalibratorFactory = Callable[[], Calibrator]
 CalibratorCheck = Callable[[CalibratorFactory], None]
@@ -352,6 +353,49 @@ def check_partial_fit_matches_fit(factory: CalibratorFactory) -> None:
                          "fit after partial_fit vs a fresh fit", exact=False)
 
 
+def _outside(interval: Interval, like: object) -> list[object]:
+    """Values just outside ``interval``, of the type of ``like`` (the parameter's value)."""
+    step = 1 if isinstance(like, int) else 1.0
+    values = []
+    if interval.low is not None:
+        values.append(interval.low - step if interval.closed in ("both", "left") else interval.low)
+    if interval.high is not None:
+        values.append(interval.high + step if interval.closed in ("both", "right") else interval.high)
+    return [int(v) if isinstance(like, int) else float(v) for v in values]
+
+
+def check_declared_constraints(factory: CalibratorFactory) -> None:
+    """The calibrator meets the constraints declared on its ``__init__``, and ``fit`` enforces them.
+
+    Why: a configuration is checked against these declarations when it
+    loads (``bins = 0`` is refused before training, see
+    :mod:`uqsynth.config`). Declarations broken by the calibrator's own
+    parameters, rules naming parameters it does not have, or ranges ``fit``
+    ignores (code building the calibrator itself would crash later, or
+    silently compute nonsense) would make that check say what is not so.
+    A calibrator that declares nothing passes.
+    """
+    calibrator = factory()
+    cls = type(calibrator)
+    problems = declaration_problems(cls)
+    assert not problems, "; ".join(problems)
+    params = calibrator.get_params(deep=False)
+    try:
+        validate_params(cls, params)
+    except ValueError as error:
+        raise AssertionError(f"its own parameters break its declared constraints: {error}") from None
+    for name, intervals in declared_constraints(cls).items():
+        for interval in intervals:
+            for outside in _outside(interval, params[name]):
+                broken = clone(calibrator).set_params(**{name: outside})
+                with pytest.raises(ValueError):
+                    broken.fit(*_data((50,)))
+                    raise AssertionError(
+                        f"fit accepted {name}={outside!r}, outside the range declared on __init__; "
+                        "call self._validate_params() first in fit"
+                    )
+
+
 #: Every check of the contract, in the order :func:`check_calibrator` runs them.
 CALIBRATOR_CHECKS: tuple[CalibratorCheck, ...] = (
     check_is_calibrator,
@@ -366,6 +410,7 @@ CALIBRATOR_CHECKS: tuple[CalibratorCheck, ...] = (
     check_fit_rejects_invalid_inputs,
     check_predict_rejects_invalid_inputs,
     check_partial_fit_matches_fit,
+    check_declared_constraints,
 )
 
 

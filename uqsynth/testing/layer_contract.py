@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from uqsynth.testing._contract import parametrize, run_checks
-from uqsynth.layers import StochasticLayer, sampling, set_sampling
+from uqsynth.config import declaration_problems
+from uqsynth.layers import StochasticLayer, WeightSlice, sampling, set_sampling
 
 LayerFactory = Callable[[], StochasticLayer]
 LayerCheck = Callable[[LayerFactory], None]
@@ -287,6 +288,39 @@ def check_regularizer_is_finite_scalar(factory: LayerFactory) -> None:
         assert bool(torch.isfinite(value)), f"regularizer() must be finite, got {value.item()}"
 
 
+def check_accepts_attached_weights(factory: LayerFactory) -> None:
+    """The layer takes the weights a host network attaches, and its regularizer stays a finite scalar.
+
+    Why: every generator calls ``attach_weights(preceding=[...],
+    consuming=[...])`` on the layers it builds, the consuming one a slice of
+    the next layer's weight; a layer that overrode it with another signature
+    would break every generator, and one whose regularizer failed on the
+    attached weights would break training.
+    """
+    channels = INPUT_SHAPE[1]
+    preceding = nn.Parameter(torch.full((2 * channels, channels, 4, 4), 0.5))
+    consuming = WeightSlice(nn.Parameter(torch.full((2 * channels, 3, 4, 4), 0.5)), dim=0, start=channels)
+    layer = factory()
+    layer.attach_weights(preceding=[preceding], consuming=[consuming])
+    with _seeded(0):
+        layer(_input())
+    value = layer.regularizer()
+    assert isinstance(value, torch.Tensor) and value.dim() == 0, "regularizer() must be a scalar tensor"
+    assert bool(torch.isfinite(value)), f"with attached weights, regularizer() must be finite, got {value.item()}"
+
+
+def check_declared_constraints(factory: LayerFactory) -> None:
+    """The constraints declared on the layer's parameters (``Annotated[float, Interval(...)]``) are sound.
+
+    Why: a configuration is checked against them when it loads
+    (:mod:`uqsynth.config`); a default outside its own range, or a rule
+    naming a parameter the layer does not take, would make that check lie.
+    A layer that declares nothing passes.
+    """
+    problems = declaration_problems(type(factory()))
+    assert not problems, "; ".join(problems)
+
+
 def check_gradient_reaches_input(factory: LayerFactory) -> None:
     """While sampling, the loss gradient flows back through the layer to its input.
 
@@ -316,7 +350,9 @@ LAYER_CHECKS: tuple[LayerCheck, ...] = (
     check_shape_and_dtype,
     check_unbiased,
     check_regularizer_is_finite_scalar,
+    check_accepts_attached_weights,
     check_gradient_reaches_input,
+    check_declared_constraints,
 )
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from scipy.special import ndtr, ndtri
 from sklearn.utils.validation import check_is_fitted
 
 from uqsynth.calibration import Calibrator
 from uqsynth.calibration.base import check_inputs, check_probabilities
+from uqsynth.config import Interval
 
 
 class GaussianShiftScale(Calibrator):
@@ -20,12 +23,15 @@ class GaussianShiftScale(Calibrator):
 
     Args:
         min_scale: Lower bound on the fitted scale, against degenerate data.
+            Its range is declared in the hint, so a configuration setting
+            ``min_scale = 0`` is refused when it loads, naming the key.
     """
 
-    def __init__(self, *, min_scale: float = 1e-6) -> None:
+    def __init__(self, *, min_scale: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-6) -> None:
         self.min_scale = min_scale
 
     def fit(self, mean, std, target):
+        self._validate_params()  # the declared range, for code that builds the calibrator itself
         mean, std, target = check_inputs(mean, std, target)
         z = ((target - mean) / std).ravel()
         if z.size < 2:

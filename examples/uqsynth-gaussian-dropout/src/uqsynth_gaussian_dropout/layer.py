@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
 import uqsynth
+from uqsynth.config import Interval
 from uqsynth.layers import mask_shape
 
 
@@ -22,8 +24,11 @@ class GaussianDropout(uqsynth.StochasticLayer):
         channelwise: One noise value per sample and channel instead of per element.
     """
 
-    def __init__(self, *, p: float = 0.5, channelwise: bool = False) -> None:
+    def __init__(
+        self, *, p: Annotated[float, Interval(0.0, 1.0, closed="left")] = 0.5, channelwise: bool = False
+    ) -> None:
         super().__init__()
+        # The hint's range is checked when a configuration loads, naming the key; this, for code building one.
         if not 0.0 <= p < 1.0:
             raise ValueError(f"p must be in [0, 1), got {p}")
         self.p = float(p)
