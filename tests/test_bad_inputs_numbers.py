@@ -60,6 +60,19 @@ def rewrite(path: Path, change, framework: str = "pt") -> None:
 # ------------------------------------------------------------ class 4: the configuration
 
 
+def refused_at_load(tables: dict, overrides: tuple[str, ...], fragment: str, tmp_path, capsys) -> None:
+    """:data:`VALID` with ``tables`` and ``overrides`` is refused before anything runs, naming ``fragment``.
+
+    ``C: `` in ``fragment`` stands for the configuration file's path.
+    """
+    config = write_config(tmp_path / "c.toml", **tables)
+    out = tmp_path / "out"
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    line = refused(capsys, "run", str(config), "--out", str(out), "--device", "cpu", *sets)
+    assert_named(line, fragment.replace("C: ", f"{config}: "))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("tables", "overrides", "fragment"),
     [
@@ -78,12 +91,7 @@ def rewrite(path: Path, change, framework: str = "pt") -> None:
 )
 def test_non_finite_configuration_values_are_refused_at_load(tables, overrides, fragment, tmp_path, capsys):
     """The issue's ``--set train.lr=nan`` died inside Adam with status 1; nan and inf are TOML literals."""
-    config = write_config(tmp_path / "c.toml", **tables)
-    out = tmp_path / "out"
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    line = refused(capsys, "run", str(config), "--out", str(out), "--device", "cpu", *sets)
-    assert_named(line, fragment.replace("C: ", f"{config}: "))
-    assert not out.exists()
+    refused_at_load(tables, overrides, fragment, tmp_path, capsys)
 
 
 # ------------------------------------------------------------ class 4: losses and weights while training
@@ -264,12 +272,7 @@ def test_write_maps_writes_all_maps_of_a_volume_or_none(bad, value, counts, tmp_
 )
 def test_bad_seeds_and_plugin_parameters_are_refused_at_load(tables, overrides, fragment, tmp_path, capsys):
     """Before: an internal error (numpy refuses a negative seed), or one after training (bins = 0)."""
-    config = write_config(tmp_path / "c.toml", **tables)
-    out = tmp_path / "out"
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    line = refused(capsys, "run", str(config), "--out", str(out), "--device", "cpu", *sets)
-    assert_named(line, fragment.replace("C: ", f"{config}: "))
-    assert not out.exists()
+    refused_at_load(tables, overrides, fragment, tmp_path, capsys)
 
 
 def test_code_building_a_calibrator_gets_the_same_refusal():
