@@ -111,6 +111,32 @@ def test_force_removes_only_what_the_run_wrote(tiny_run, tmp_path, capsys):
     assert "seed = 3" in (out / "config.toml").read_text()
 
 
+def test_force_never_removes_through_a_folder_the_user_linked_in(tiny_run, tmp_path, capsys):
+    """An arm folder of the old run replaced by a link to the user's data: --force removes nothing through it."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    data = tmp_path / "userdata"
+    shutil.copytree(out / "mc", data)  # the user's own files, under the very names the run had written
+    shutil.rmtree(out / "mc")
+    (out / "mc").symlink_to(data, target_is_directory=True)
+    before = snapshot(data)
+    arms = {"other": {"stochastic_layer": {"name": "mc_dropout", "p": 0.5}, "positions": [2, 3]}}
+    assert run(write_config(tmp_path / "c.toml", arms=arms), out, "--force") == 0, capsys.readouterr().err
+    assert snapshot(data) == before and (out / "mc").is_symlink()
+
+
+def test_files_a_file_manager_drops_do_not_block_a_run(tiny_run, tmp_path):
+    """A .DS_Store in a predictions folder (macOS Finder) or in a new --out is nobody's data."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    (out / "mc" / "predictions" / ".DS_Store").write_bytes(b"finder")
+    assert run(write_config(tmp_path / "c.toml"), out) == 0
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".DS_Store").write_bytes(b"finder")
+    assert run(write_config(tmp_path / "c.toml"), fresh) == 0
+
+
 def predict(model: Path, out: Path, *inputs: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return ["predict", "--model", str(model), *(a for i in inputs for a in ("--input", str(i))), "--out", str(out),
             "--device", "cpu", *extra]

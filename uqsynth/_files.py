@@ -78,6 +78,9 @@ class FileRecord:
             return
         with open(self.path, "a", encoding="utf-8") as handle:  # one short write: appends do not interleave
             handle.write(json.dumps([kind, relative]) + "\n")
+            if kind == RESULT:  # on disk before the fsynced result is renamed into place, so a power loss keeps both
+                handle.flush()
+                os.fsync(handle.fileno())
         self._entries[relative] = kind
 
     def owns(self, path: str | Path) -> bool:
@@ -90,9 +93,15 @@ class FileRecord:
         return relative in self._entries
 
     def paths(self, kind: str) -> list[Path]:
-        """The listed paths of ``kind`` that exist now, deepest first (so emptied folders can follow)."""
+        """The listed paths of ``kind`` that exist now inside the run, deepest first (so emptied folders can follow).
+
+        A listed path reached through a folder that is now a symbolic link
+        is not the run's any more (a user may have linked their own data
+        there): it is left out, so nothing removes a file through a link.
+        """
         found = [self.root / r for r, k in self._entries.items() if k == kind]
-        return sorted((p for p in found if p.is_file() or p.is_symlink()), key=lambda p: (-len(p.parts), p))
+        inside = (p for p in found if (p.is_file() or p.is_symlink()) and not linked_below(self.root, p.parent))
+        return sorted(inside, key=lambda p: (-len(p.parts), p))
 
     def compact(self) -> None:
         """Rewrite the record with only the results that still exist; remove it when none do.
@@ -116,6 +125,16 @@ class FileRecord:
             os.replace(scratch, self.path)
         except OSError:  # a full disk: the longer record is still a true one, and the run's own error matters more
             scratch.unlink(missing_ok=True)
+
+
+def linked_below(root: Path, folder: Path) -> bool:
+    """Whether ``folder`` or one of its parents up to (not including) ``root`` is a symbolic link."""
+    for part in (folder, *folder.parents):
+        if part == root:
+            return False
+        if part.is_symlink():
+            return True
+    return True  # not below root at all
 
 
 _ACTIVE: list[FileRecord] = []

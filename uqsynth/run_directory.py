@@ -110,8 +110,16 @@ def remove_stale_temporaries(out_dir: Path) -> int:
     return len(stale)
 
 
+#: Files operating systems and file managers leave in any folder they show; nobody misses them.
+SYSTEM_JUNK = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
 def _files_below(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+    """Files (and links) below ``directory``, but the ones a file manager drops (``.DS_Store``, ``._*`` twins)."""
+    return sorted(
+        p for p in directory.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.name not in SYSTEM_JUNK and not p.name.startswith("._")
+    )
 
 
 def check_ownership(out_dir: Path, config: Config) -> None:
@@ -167,7 +175,7 @@ def clear_run(out_dir: Path) -> list[str]:
         path.unlink(missing_ok=True)
         removed.append(path.relative_to(record.root).as_posix())
         for folder in path.parents:
-            if folder == record.root or any(folder.iterdir()):
+            if folder == record.root or folder.is_symlink() or any(folder.iterdir()):
                 break
             folder.rmdir()
     record.compact()
