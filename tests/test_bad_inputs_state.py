@@ -284,5 +284,21 @@ def test_predictions_of_other_weights_are_refused(tiny_run, tmp_path, capsys):
     assert_named(line, "arm mc's predictions and calibrators were made by another generator than "
                        "mc/generator.safetensors (sha256 ", "--force")
     assert_named(refused(capsys, "report", str(out)), "made by another generator")
-    assert snapshot(out) == before
+    # predict would apply the calibrator fitted on the other generator's maps
+    t1 = write(tmp_path / "in" / "a.nii.gz", brain())
+    assert_named(refused(capsys, *predict(out / "mc", tmp_path / "maps", t1)), f"--model {out / 'mc'}",
+                 "made by another generator")
+    assert snapshot(out) == before and not (tmp_path / "maps").exists()
+
+
+def test_predict_writes_nothing_into_a_run_directory(tiny_run, tmp_path, capsys):
+    """Maps in RUN/<arm>/predictions would be scored by `uqsynth report` as the run's own."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    t1 = write(tmp_path / "in" / "a.nii.gz", brain())
+    before = snapshot(out)
+    for inside in (out / "mc" / "predictions", out / "new-folder"):
+        line = refused(capsys, *predict(out / "mc", inside, t1))
+        assert_named(line, f"--out {inside} lies in the run directory {out.resolve()}")
+    assert snapshot(out) == before and not (out / "new-folder").exists()
 

@@ -204,9 +204,8 @@ def stage_sample(context: RunContext) -> None:
     """
     config, world = context.config, context.world
     for arm_name in config.arms:
-        if world.is_main:  # before the first prediction: which generator made them
-            bind_outputs(context.out_dir / arm_name, arm_name)
-        world.barrier()
+        # Before the first prediction: which generator made them.
+        on_main(world, lambda arm_dir=context.out_dir / arm_name: bind_outputs(arm_dir, arm_dir.name))
         out_dir = context.out_dir / arm_name / "predictions"
         out_dir.mkdir(parents=True, exist_ok=True)
         generator = context.models[arm_name].generator
@@ -266,8 +265,7 @@ def stage_calibrate(context: RunContext) -> None:
         )
         if not pending:
             continue
-        if world.is_main:
-            bind_outputs(context.out_dir / arm_name, arm_name)
+        on_main(world, lambda arm_dir=context.out_dir / arm_name: bind_outputs(arm_dir, arm_dir.name))
         calibrators = {spec.name: context.host["calibrator"].create(spec.name, **spec.params) for spec in pending}
         sampler = PosteriorSampler(context.models[arm_name].generator, sampler_options(config), context.device)
         started, voxels, degenerate = time.perf_counter(), 0, 0
@@ -387,7 +385,7 @@ def run_pipeline(
     config = load_config(config_path, overrides=overrides, smoke=smoke, host=host)
     if device is not None:
         config.run.device = device
-    world = init_world(resolve_device(config.run.device))
+    world = init_world(resolve_device(config.run.device, key="--device" if device is not None else "run.device"))
     try:
         return _run_stages(config, host, world, out, smoke=smoke, force=force)
     finally:
@@ -402,19 +400,11 @@ def _run_stages(
     for line in [*config.notes, *describe_run(config, host, out_dir, world.device, smoke, world)]:
         context.say(line)
     prepare(context)
-    # Refuse before --out is touched; repeated under the lock.
-    check_existing_run(out_dir, config, run_inputs(context), force=force)
-    lock = None
-    failure: UserError | None = None
-    if world.is_main:
-        try:
-            lock = _claim_run_directory(context, force=force)
-        except UserError as exc:
-            failure = exc
-    # Rank 0 alone touches --out; the others learn whether that worked instead of waiting in a barrier.
-    message = world.broadcast(None if failure is None else str(failure))
-    if message is not None:
-        raise failure if failure is not None else ConfigError(message)
+    # Rank 0 alone reads and touches --out: it refuses before touching it (checked again under the lock).
+    on_main(world, lambda: check_existing_run(out_dir, config, run_inputs(context), force=force))
+    claimed: list[RunLock] = []
+    on_main(world, lambda: claimed.append(_claim_run_directory(context, force=force)))
+    lock = claimed[0] if claimed else None
     try:
         with recording(out_dir, owner=world.is_main):  # every file of the run goes into its record
             for name, stage in STAGES:
@@ -427,6 +417,23 @@ def _run_stages(
         if lock is not None:
             lock.release()
     return 0
+
+
+def on_main(world: World, action: Callable[[], object]) -> None:
+    """Run ``action`` on rank 0 alone; a user error there is raised on every rank.
+
+    The other ranks learn whether it worked instead of waiting in a barrier
+    or a collective that rank 0 never reaches.
+    """
+    failure: UserError | None = None
+    if world.is_main:
+        try:
+            action()
+        except UserError as exc:
+            failure = exc
+    message = world.broadcast(None if failure is None else str(failure))
+    if message is not None:
+        raise failure if failure is not None else ConfigError(message)
 
 
 def _claim_run_directory(context: RunContext, *, force: bool) -> RunLock:

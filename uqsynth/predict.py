@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uqsynth._files import refuse_replacing
+from uqsynth._files import RECORD, refuse_replacing
 from uqsynth.calibration.base import Calibrator
 from uqsynth.config import Config, load_config
 from uqsynth.data.base import SubjectVolumes
@@ -40,6 +40,7 @@ from uqsynth.model_files import load_tensors
 from uqsynth.models.base import Generator
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler, SamplerOptions, gaussian_interval
+from uqsynth.run_directory import outputs_difference
 from uqsynth.training import GENERATOR_WEIGHTS, build_generator
 
 MAPS = ("mean", "std", "lower", "upper")
@@ -256,7 +257,10 @@ def run_predict(
         raise ConfigError(f"--samples must be at least 2 (a standard deviation needs two samples), found {samples}")
     arm = load_arm(model)
     fitted = find_calibrator(arm, Path(model), calibrator)
-    torch_device = resolve_device(device or arm.config.run.device)
+    torch_device = resolve_device(device or arm.config.run.device, key="--device" if device else "run.device")
+    stale = outputs_difference(Path(model), arm.name)
+    if stale is not None:  # e.g. a calibrator fitted on another generator's maps would give the wrong intervals
+        raise ConfigError(f"--model {model}: {stale}; rerun `uqsynth run` with --force to retrain it")
     # Read and check every input before writing anything.
     volumes: list[tuple[str, SubjectVolumes]] = []
     contrast = source_contrast(arm.config)
@@ -275,6 +279,10 @@ def run_predict(
             *(("--model", path) for path in sorted(model_dir.rglob("*")) if path.is_file())]
     planned = [out_dir / f"{stem}_{name}.nii.gz" for stem, _ in volumes for name in MAPS]
     refuse_replacing(planned, read, where=f"--out {out_dir}")
+    run_dir = next((d for d in (out_dir.resolve(), *out_dir.resolve().parents) if (d / RECORD).is_file()), None)
+    if run_dir is not None:  # its record would not list our maps, and a report would score them as the run's
+        raise ConfigError(f"--out {out_dir} lies in the run directory {run_dir}, whose files only its run writes; "
+                          "choose an --out outside it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
