@@ -198,7 +198,19 @@ def test_raw_scanner_t1_with_noisy_background_is_refused(tmp_path, capsys):
     bad = write(path_of(root, "S02", "t1"), scanner_t1())
     line = refused_run(capsys, tmp_path, root)
     assert_named(line, f"subject S02: T1w file {bad} is not skull-stripped", "fill 100% of the volume",
-                 "100% of its outer faces")
+                 "100% of its in-plane outer faces")
+
+
+def test_a_slab_of_thick_slices_through_the_brain_is_not_taken_for_a_head(tmp_path):
+    """Limited coverage cuts the brain at the top and bottom slices: only the in-plane faces must be air."""
+    shape = (64, 64, 6)  # six axial slices through the middle of a brain (axis 2 is inferior-superior here)
+    grid = np.meshgrid(np.linspace(-1, 1, 64), np.linspace(-1, 1, 64), np.zeros(6), indexing="ij")
+    slab = np.where(grid[0] ** 2 + grid[1] ** 2 < 0.6, 500.0, 0.0).astype(np.float32)
+    root = tmp_path / "brats"
+    write(root / "S01" / "S01_t1.nii.gz", slab, np.eye(4))
+    write(root / "S01" / "S01_t2.nii.gz", slab * 2, np.eye(4))
+    volumes = BratsDataset(root=root).load("S01")
+    assert volumes.source.shape == shape and volumes.warnings == []
 
 
 def test_z_scored_volume_is_refused(tmp_path, capsys):

@@ -3,7 +3,8 @@
 A trained arm lives in ``RUN/<arm>/`` beside the run's ``config.toml``; its
 generator is rebuilt from that configuration and its weights are read from
 ``generator.safetensors`` (no code is unpickled). For each input volume the
-engine draws T samples per axial slice and the per-voxel mean and standard
+engine draws T samples per axial slice (per tile of it, at the training
+scale: :class:`~uqsynth.data.slices.EvalVolume`) and the per-voxel mean and standard
 deviation are mapped back to the input's grid, orientation and affine.
 
 Intensities: the synthesized image is in the normalized [0, 1] scale the
@@ -201,7 +202,7 @@ def source_contrast(config: Config, host: PluginHost | None = None) -> str | Non
     return getattr(factory, "source_contrast", None)
 
 
-def collect_inputs(inputs: Sequence[str], contrast: str | None = "t1") -> list[tuple[str, Path]]:
+def collect_inputs(inputs: Sequence[str], contrast: str | None) -> list[tuple[str, Path]]:
     """``(stem, file)`` for every ``--input``: NIfTI files, or BraTS-style folders of subjects.
 
     A folder gives each subject's file of ``contrast``, the model's own
@@ -302,8 +303,9 @@ def run_predict(
         maps = {name: (array * scale).astype(np.float32) for name, array in maps.items()}
         write_maps(maps, subject, out_dir, stem)
         seconds = time.perf_counter() - started
-        slices = len(evaluation)
-        print(f"{stem}: {slices} slices x {T} samples in {seconds:.1f} s "
-              f"({slices * T / seconds:.0f} slice-samples/s) -> {out_dir / stem}_{{{','.join(MAPS)}}}.nii.gz",
+        slices, inputs = len(evaluation), len(evaluation.source)  # network inputs: a slice's tiles
+        tiles = f" ({inputs} tiles at the training scale)" if inputs > slices else ""
+        print(f"{stem}: {slices} slices{tiles} x {T} samples in {seconds:.1f} s "
+              f"({inputs * T / seconds:.0f} slice-samples/s) -> {out_dir / stem}_{{{','.join(MAPS)}}}.nii.gz",
               file=sys.stderr)
     return 0

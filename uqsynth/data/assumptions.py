@@ -19,8 +19,10 @@ of the volume      tests' ellipsoid 32 %; a brain cropped to its
                    MNI152 with its head ~95 %, a raw scanner T1 (noisy
                    air) ~100 %
 faces: mask        skull-stripped: 0 (air all round the brain); a tight  >= 5 %   >= 50 %
-voxels on the six  crop touches them in patches; a head or a noisy
-outer faces        background covers most of them
+voxels on the      crop touches them in patches; a head or a noisy
+in-plane faces     background covers most of them (the top and bottom
+                   faces do not count: limited coverage, a slab of a
+                   few thick slices, cuts through the brain there)
 negative: mask     magnitude MRI is >= 0; resampling undershoot at the   >= 1 %   >= 20 %
 voxels below 0     brain's rim stays near 1 %; z-scored, phase or
 (source, target)   difference images ~50 %
@@ -74,9 +76,10 @@ class MaskOrigin(NamedTuple):
     remedy: str
 
 
-def box_figures(mask: np.ndarray) -> tuple[float, float]:
-    """The mask's share of the volume and of the volume's six outer faces."""
-    faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
+def box_figures(mask: np.ndarray, axial: int | None = None) -> tuple[float, float]:
+    """The mask's share of the volume and of its outer faces (but the two across ``axial``, the slice axis)."""
+    faces = [face for axis in range(3) if axis != axial
+             for face in (np.take(mask, 0, axis=axis), np.take(mask, -1, axis=axis))]
     on_faces = sum(int(face.sum()) for face in faces) / sum(face.size for face in faces)
     return float(mask.mean()), on_faces
 
@@ -87,6 +90,7 @@ def check_inputs(
     mask: np.ndarray,
     origin: MaskOrigin,
     images: list[tuple[str, Path | None, np.ndarray]],
+    axial: int | None = None,
 ) -> list[InputWarning]:
     """Check a subject's mask and images against :mod:`this module's <uqsynth.data.assumptions>` table.
 
@@ -95,6 +99,8 @@ def check_inputs(
         mask: The brain mask (bool, the images' shape).
         origin: The file the mask was taken from, and the remedy to suggest.
         images: ``(role, path, array)`` of each intensity image (source, target).
+        axial: The array axis running inferior-superior: its two faces are
+            not counted (``None``: all six are).
 
     Returns:
         The warnings, in the table's order.
@@ -103,10 +109,10 @@ def check_inputs(
         DataError: A figure past its error threshold.
     """
     found: list[InputWarning] = []
-    fill, faces = box_figures(mask)
+    fill, faces = box_figures(mask, axial)
     where = f"subject {subject_id}: {origin.role} file {origin.path}"
     figures = (f"its nonzero voxels (taken as the brain mask) fill {fill:.0%} of the volume and {faces:.0%} of "
-               "its outer faces (a skull-stripped brain: 10-25%, faces empty)")
+               "its in-plane outer faces (a skull-stripped brain: 10-25%, faces empty)")
     if fill >= FILL[1] or faces >= FACES[1]:
         raise DataError(f"{where} is not skull-stripped (or its background is not zero): {figures}, so "
                         f"scores and calibration would cover the whole head; {origin.remedy}")

@@ -35,7 +35,6 @@ CONTRASTS = ("t1", "t2", "flair", "t1ce")
 
 #: How messages name each contrast.
 ROLES = {"t1": "T1w", "t2": "T2w", "flair": "FLAIR", "t1ce": "T1ce", "seg": "seg"}
-_ROLE = ROLES
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def _group(files: list[tuple[Path, re.Match[str]]], naming: Naming) -> dict[str,
 def _one_file(subject_id: str, subject: _Subject, naming: Naming, contrast: str) -> Path:
     suffix = naming.suffix(contrast)
     paths = subject.files.get(suffix, [])
-    role = _ROLE.get(contrast, contrast)
+    role = ROLES.get(contrast, contrast)
     if not paths:
         expected = f"{subject_id}{naming.separator}{suffix}.nii[.gz]"
         raise DataError(f"subject {subject_id}: no {role} file {expected} in {subject.folder}")
@@ -305,8 +304,8 @@ class BratsDataset(Dataset):
             files[self.target],
             subject_id=subject_id,
             mask_path=files[self.mask] if self.mask is not None else None,
-            source_role=_ROLE[self.source],
-            target_role=_ROLE[self.target],
+            source_role=ROLES[self.source],
+            target_role=ROLES[self.target],
             mask_option='the brats dataset\'s mask option, e.g. mask = "brainmask" for <id>_brainmask.nii.gz',
         )
 

@@ -30,13 +30,11 @@ from uqsynth._files import atomic_path
 from uqsynth.data.assumptions import InputWarning, MaskOrigin, check_inputs
 from uqsynth.data.base import SubjectVolumes
 from uqsynth.data.discovery import nifti_stem
+from uqsynth.data.slices import axial_axis
 from uqsynth.errors import DataError
 
 #: Largest difference (mm, any affine entry) still accepted as "the same grid".
 AFFINE_TOLERANCE_MM = 1e-4
-
-#: File name endings recognized as NIfTI (in any case).
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 #: Most voxels a header may claim: a 1024^3 grid, 0.2 mm isotropic over a
 #: 20 cm head, beyond clinical and research MRI (and 4 GiB as float32 in memory).
@@ -285,7 +283,7 @@ def load_pair(
         _check_same_grid(source, mask_volume, (source_path, mask_path), subject_id)
         mask = mask_volume.array != 0
         origin = MaskOrigin(mask_path, "mask", "give a mask of the brain only")
-    warnings = check_inputs(subject_id=subject_id, mask=mask, origin=origin, images=[
+    warnings = check_inputs(subject_id=subject_id, mask=mask, origin=origin, axial=axial_axis(source.affine), images=[
         (source_role, source_path, source.array), (target_role, target_path, target.array)])
     return SubjectVolumes(
         subject_id=subject_id,
@@ -310,7 +308,8 @@ def load_source(path: str | Path, *, subject_id: str, role: str = "T1w") -> Subj
     image = load_volume(path, role=role, subject_id=subject_id)
     mask = image.array != 0
     origin = MaskOrigin(path, role, "skull-strip it (predict takes skull-stripped volumes)")
-    warnings = check_inputs(subject_id=subject_id, mask=mask, origin=origin, images=[(role, path, image.array)])
+    warnings = check_inputs(subject_id=subject_id, mask=mask, origin=origin, axial=axial_axis(image.affine),
+                            images=[(role, path, image.array)])
     return SubjectVolumes(
         subject_id=subject_id, source=image.array, target=None, mask=mask, affine=image.affine,
         header=_noting(image.header, warnings), source_path=path,

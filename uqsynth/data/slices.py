@@ -421,17 +421,21 @@ class EvalVolume:
         shape: The input volume's shape; :meth:`to_native` returns this shape.
         affine: The input's affine (and ``header`` its header), for writing outputs.
         native_size: In-plane ``(H, W)`` of the canonical axial slices.
-        source: float32 tensor ``(n, 1, S, S)`` in [-1, 1], the network input.
+        load_size: The side ``L`` slices are resized to (the training scale).
+        tiles: ``(top, left)`` corners of the ``image_size`` tiles of a slice (one, ``(0, 0)``, when
+            ``load_size == image_size``).
+        source: float32 tensor ``(n * tiles, 1, S, S)`` in [-1, 1], the network input (each slice's tiles together).
         target: Same for the target, or ``None`` when the subject has none (prediction).
-        mask: bool tensor ``(n, 1, S, S)``, the brain mask at network size.
+        mask: bool tensor ``(n * tiles, 1, S, S)``, the brain mask at network size.
         source_scale: float32 ``(n,)`` robust maxima of the source slices.
         target_scale: float32 ``(n,)`` robust maxima of the target slices, or ``None``.
 
     Args:
         volumes: The loaded subject (``target`` may be ``None`` for prediction).
         image_size: Network input size (paper: 256).
-        load_size: The training scale slices are resized to (paper: 286);
-            ``None``: ``image_size`` (one tile per slice).
+        load_size: The training scale slices are resized to (paper: 286; pass the
+            run's ``data.load_size``); ``None``: ``image_size``, one tile per slice,
+            which is the training scale only where training did not zoom.
         percentile: Percentile of brain voxels used as each slice's robust maximum.
     """
 
