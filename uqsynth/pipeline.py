@@ -46,7 +46,6 @@ from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
 from uqsynth.predict import load_arm, posterior_maps, sampler_options, write_maps
 from uqsynth.run_directory import (
-    DigestingDataset,
     RunInputs,
     RunLock,
     bind_outputs,
@@ -158,8 +157,8 @@ def prepare(context: RunContext) -> None:
     for line in context.dataset.scan_summary():
         context.say(f"data: {line}")
     started = time.perf_counter()
-    digesting = DigestingDataset(context.dataset)  # each subject's digest for split.json, without a second read
-    recorder = RecordingDataset(digesting)  # TrainSlices loads the training subjects itself
+    # TrainSlices loads the training subjects itself: the recorder keeps their warnings and digests (for split.json).
+    recorder = RecordingDataset(context.dataset, digest=content_digest)
     context.train_set = TrainSlices(
         recorder,
         context.split.train,
@@ -169,7 +168,7 @@ def prepare(context: RunContext) -> None:
     )
     for subject_id in sorted({*context.split.test, *context.split.calibration} - set(context.split.train)):
         recorder.load(subject_id)
-    context.digests = digesting.digests
+    context.digests = recorder.digests
     context.input_warnings = {sid: recorder.warnings[sid] for sid in sorted(recorder.warnings)}
     for lines in context.input_warnings.values():
         for line in lines:

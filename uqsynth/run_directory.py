@@ -43,7 +43,7 @@ import numpy as np
 
 from uqsynth._files import RECORD, RESULT, TEMPORARY, FileRecord, atomic_write_text
 from uqsynth.config import Config, config_to_dict
-from uqsynth.data.base import Dataset, SubjectVolumes
+from uqsynth.data.base import SubjectVolumes
 from uqsynth.errors import ConfigError
 
 LOCK_FILE = ".lock"
@@ -254,29 +254,6 @@ def content_digest(volumes: SubjectVolumes) -> str:
         digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
         digest.update(array.data)
     return digest.hexdigest()
-
-
-class DigestingDataset(Dataset):
-    """A dataset seen through a recorder of each loaded subject's :func:`content_digest`.
-
-    ``prepare`` reads every subject once to check it (``TrainSlices`` loads
-    the training subjects itself); passing this instead makes the digests
-    cost no second read.
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self.digests: dict[str, str] = {}
-
-    def subject_ids(self) -> list[str]:
-        """The wrapped dataset's subject ids."""
-        return self.dataset.subject_ids()
-
-    def load(self, subject_id: str) -> SubjectVolumes:
-        """Load through the wrapped dataset, keeping the subject's digest."""
-        volumes = self.dataset.load(subject_id)
-        self.digests[subject_id] = content_digest(volumes)
-        return volumes
 
 
 @dataclass(frozen=True)

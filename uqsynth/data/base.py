@@ -10,6 +10,7 @@ cropping, slice selection) is shared by all datasets and lives in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,26 +82,32 @@ class Dataset(ABC):
 
 
 class RecordingDataset(Dataset):
-    """A dataset seen through a recorder of the input warnings of each subject loaded.
+    """A dataset seen through a recorder of what each subject loaded said: its warnings and, optionally, a digest.
 
     Consumers that load subjects indirectly (``TrainSlices`` loads the
     training subjects itself) pass this instead, then report
-    :attr:`warnings` (subject id -> lines), so no warning is lost on the way.
+    :attr:`warnings` (subject id -> lines), so no warning is lost on the
+    way, and :attr:`digests` (subject id -> ``digest(volumes)``), so a
+    content digest costs no second read.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, digest: Callable[[SubjectVolumes], str] | None = None) -> None:
         self.dataset = dataset
+        self.digest = digest
         self.warnings: dict[str, list[str]] = {}
+        self.digests: dict[str, str] = {}
 
     def subject_ids(self) -> list[str]:
         """The wrapped dataset's subject ids."""
         return self.dataset.subject_ids()
 
     def load(self, subject_id: str) -> SubjectVolumes:
-        """Load through the wrapped dataset, keeping the subject's warnings."""
+        """Load through the wrapped dataset, keeping the subject's warnings (and digest)."""
         volumes = self.dataset.load(subject_id)
         if volumes.warnings:
             self.warnings[subject_id] = list(volumes.warnings)
+        if self.digest is not None:
+            self.digests[subject_id] = self.digest(volumes)
         return volumes
 
     def scan_summary(self) -> list[str]:
