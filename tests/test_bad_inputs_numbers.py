@@ -137,12 +137,12 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize(("key", "value", "named"), [
-    ("loss_g_l1", math.inf, "the generator's L1 loss (loss_g_l1) is inf"),
+    ("loss_g_likelihood", math.inf, "the generator's likelihood loss (loss_g_likelihood) is inf"),
     ("loss_g_kl", math.nan, "the stochastic layers' KL term (loss_g_kl) is nan"),
 ])
 def test_a_non_finite_loss_names_which_loss(key, value, named, tmp_path):
     trainer = tiny_trainer(tmp_path / "mc")
-    losses = {"loss_d": 0.7, "loss_g_adversarial": 0.8, "loss_g_l1": 0.5, "loss_g_kl": 0.0, "loss_g_total": 50.0}
+    losses = {"loss_d": 0.7, "loss_g_adversarial": 0.8, "loss_g_likelihood": 0.5, "loss_g_kl": 0.0, "loss_g_total": 50.0}
     with pytest.raises(TrainingDiverged, match="epoch 3 at step 7") as info:
         trainer.check_losses({**losses, key: value}, epoch=3, step=7)
     assert named in str(info.value)

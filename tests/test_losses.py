@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from uqsynth.likelihoods import L1
+
 from uqsynth.losses import (
     AdversarialLoss,
     HingeLoss,
@@ -88,12 +90,13 @@ def test_generator_objective_weights_the_terms():
     fake = torch.zeros(1, 1, 2, 2, requires_grad=True)
     real = torch.full((1, 1, 2, 2), 0.5)
     adversarial, regularizer = torch.tensor(0.3), torch.tensor(0.01)
-    terms = generator_objective(adversarial, fake, real, regularizer)
-    assert set(terms) == {"total", "adversarial", "l1", "kl"}
-    assert terms["l1"].item() == pytest.approx(0.5)
+    reconstruction = L1().loss(fake, real)
+    terms = generator_objective(adversarial, reconstruction, regularizer)
+    assert set(terms) == {"total", "adversarial", "likelihood", "kl"}
+    assert terms["likelihood"].item() == pytest.approx(0.5)
     assert terms["kl"] is regularizer and terms["adversarial"] is adversarial
     assert terms["total"].item() == pytest.approx(0.3 + 100 * 0.5 + 100 * 0.01)
-    custom = generator_objective(adversarial, fake, real, regularizer, lambda_l1=10.0, lambda_kl=0.0)
+    custom = generator_objective(adversarial, reconstruction, regularizer, lambda_l1=10.0, lambda_kl=0.0)
     assert custom["total"].item() == pytest.approx(0.3 + 10 * 0.5)
     terms["total"].backward()
     torch.testing.assert_close(fake.grad, torch.full_like(fake, -100 / 4))

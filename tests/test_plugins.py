@@ -30,11 +30,12 @@ def listing(capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_builtins_are_listed_under_the_six_kinds(capsys):
+def test_builtins_are_listed_under_the_seven_kinds(capsys):
     data = listing(capsys)
     assert list(data) == list(KINDS) == [
-        "stochastic_layer", "generator", "discriminator", "adversarial_loss", "calibrator", "dataset"
+        "stochastic_layer", "generator", "discriminator", "adversarial_loss", "calibrator", "dataset", "likelihood"
     ]
+    assert {i["name"] for i in data["likelihood"]} >= {"l1", "laplace", "gaussian"}
     layers = {item["name"]: item for item in data["stochastic_layer"]}
     assert {"mc_dropout", "concrete_dropout"} <= set(layers)
     assert layers["mc_dropout"]["distribution"] == "uqsynth"

@@ -50,7 +50,7 @@ from typing import Annotated, Any, Literal
 import tomli_w
 
 from uqsynth.errors import ConfigError, PluginError
-from uqsynth.plugins import PluginHost, close_matches
+from uqsynth.plugins import KINDS, PluginHost, close_matches
 
 
 # --------------------------------------------------------------------------- constraints
@@ -245,6 +245,10 @@ class ArmConfig:
     )
     lambda_kl: Annotated[float | None, Interval(0.0, None)] = field(
         default=None, metadata={"doc": "Overrides train.lambda_kl for this arm."}
+    )
+    likelihood: PluginSpec = field(
+        default_factory=lambda: PluginSpec("l1"),
+        metadata={"doc": 'Observation model of the generator\'s output: "l1" (the paper), "laplace", "gaussian".'},
     )
 
 
@@ -672,12 +676,8 @@ def _check_cross_fields(config: Config, origins: _Origins) -> None:
 
 # --------------------------------------------------------------------------- plugins
 
-#: Factory arguments uqsynth supplies itself; a TOML table may not set them.
-INJECTED_PARAMS: dict[str, tuple[str, ...]] = {
-    "generator": ("image_size", "stochastic_layer", "positions", "in_channels", "out_channels"),
-    "discriminator": ("in_channels",),
-    "dataset": ("root",),
-}
+#: Factory arguments uqsynth supplies itself, per kind; a TOML table may not set them (:attr:`Kind.injected`).
+INJECTED_PARAMS: dict[str, tuple[str, ...]] = {name: kind.injected for name, kind in KINDS.items()}
 
 
 def resolve_plugins(config: Config, host: PluginHost, origins: _Origins | None = None) -> None:
@@ -695,6 +695,7 @@ def resolve_plugins(config: Config, host: PluginHost, origins: _Origins | None =
     ]
     for arm, arm_config in config.arms.items():
         specs.append(("stochastic_layer", f"arms.{arm}.stochastic_layer", arm_config.stochastic_layer))
+        specs.append(("likelihood", f"arms.{arm}.likelihood", arm_config.likelihood))
     names = [spec.name for spec in config.calibration.calibrators]
     for index, spec in enumerate(config.calibration.calibrators):
         if names.count(spec.name) > 1:
@@ -706,7 +707,7 @@ def resolve_plugins(config: Config, host: PluginHost, origins: _Origins | None =
             entry = host[kind].get(spec.name)
         except PluginError as exc:
             raise PluginError(f"{origins.where(path)}: {path}: {exc}") from None
-        spec.params = check_params(entry.factory, spec.params, path, origins, INJECTED_PARAMS.get(kind, ()))
+        spec.params = check_params(entry.factory, spec.params, path, origins, INJECTED_PARAMS[kind])
     try:
         host["dataset"].get(config.data.source)
     except PluginError as exc:
@@ -720,12 +721,13 @@ def resolve_plugins(config: Config, host: PluginHost, origins: _Origins | None =
         factory = host["dataset"].get(name).factory
         config.data.options[name] = check_params(factory, options, f"data.{name}", origins, INJECTED_PARAMS["dataset"])
     for arm, arm_config in config.arms.items():
-        spec = arm_config.stochastic_layer
-        path = f"arms.{arm}.stochastic_layer"
-        try:
-            host["stochastic_layer"].create(spec.name, **spec.params)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{origins.where(path)}: {path}: {exc}") from None
+        for kind in ("stochastic_layer", "likelihood"):
+            spec = getattr(arm_config, kind)
+            path = f"arms.{arm}.{kind}"
+            try:
+                host[kind].build(spec)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{origins.where(path)}: {path}: {exc}") from None
 
 
 def check_params(

@@ -108,3 +108,16 @@ def uqsynth_register_datasets(register: Register) -> None:
     :param register: ``register(name, factory)``; the factory builds a
         :class:`uqsynth.data.Dataset`.
     """
+
+
+@hookspec
+def uqsynth_register_likelihoods(register: Register) -> None:
+    """Register likelihoods: per-voxel observation models of the generator's output.
+
+    Called once when the plugin manager starts.
+
+    :param register: ``register(name, factory)``; the factory builds a
+        :class:`uqsynth.likelihoods.Likelihood`, which says how many output
+        channels the generator needs, the training loss term, and each
+        voxel's predictive mean and (aleatoric) variance.
+    """

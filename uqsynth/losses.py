@@ -80,34 +80,32 @@ class HingeLoss(AdversarialLoss):
 
 def generator_objective(
     adversarial: torch.Tensor,
-    fake: torch.Tensor,
-    real: torch.Tensor,
+    reconstruction: torch.Tensor,
     regularizer: torch.Tensor,
     *,
     lambda_l1: float = 100.0,
     lambda_kl: float = 100.0,
 ) -> dict[str, torch.Tensor]:
-    """The generator's training loss: adversarial + lambda_l1 * L1 + lambda_kl * KL.
+    """The generator's training loss: adversarial + lambda_l1 * likelihood + lambda_kl * KL.
 
-    The L1 term keeps the synthesized image close to the truth at low
-    frequencies (pix2pix, lambda 100); the KL term is the paper's
-    variational regularizer of the stochastic layers, also weighted 100.
+    The likelihood term (the arm's :meth:`~uqsynth.likelihoods.Likelihood.loss`;
+    pix2pix's L1 for the paper's ``l1``) keeps the synthesized image close to
+    the truth at low frequencies (pix2pix, lambda 100); the KL term is the
+    paper's variational regularizer of the stochastic layers, also weighted 100.
 
     Args:
         adversarial: The adversarial loss's ``generator_loss`` (a scalar).
-        fake: Synthesized images.
-        real: True target images.
+        reconstruction: The likelihood's loss of the true target (a scalar).
         regularizer: Sum of the stochastic layers' regularizers (a scalar).
-        lambda_l1: Weight of the L1 term.
+        lambda_l1: Weight of the likelihood term.
         lambda_kl: Weight of the regularizer.
 
     Returns:
-        ``{"total", "adversarial", "l1", "kl"}``; ``total`` is the weighted sum
+        ``{"total", "adversarial", "likelihood", "kl"}``; ``total`` is the weighted sum
         to backpropagate, the others are the unweighted terms, for logging.
     """
-    l1 = F.l1_loss(fake, real)
-    total = adversarial + lambda_l1 * l1 + lambda_kl * regularizer
-    return {"total": total, "adversarial": adversarial, "l1": l1, "kl": regularizer}
+    total = adversarial + lambda_l1 * reconstruction + lambda_kl * regularizer
+    return {"total": total, "adversarial": adversarial, "likelihood": reconstruction, "kl": regularizer}
 
 
 def discriminator_objective(

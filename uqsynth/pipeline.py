@@ -196,9 +196,9 @@ def stage_train(context: RunContext) -> None:
 
 
 def stage_sample(context: RunContext) -> None:
-    """Posterior mean and std of every test subject, per arm, under ``RUN/<arm>/predictions/``.
+    """Posterior mean and std (total, epistemic, aleatoric) of every test subject, per arm, under ``RUN/<arm>/predictions/``.
 
-    Resumable per subject: volumes whose two files exist are not sampled
+    Resumable per subject: volumes whose maps all exist are not sampled
     again. Under torchrun each rank samples and writes its share of the subjects.
     """
     config, world = context.config, context.world
@@ -207,21 +207,30 @@ def stage_sample(context: RunContext) -> None:
         on_main(world, lambda arm_dir=context.out_dir / arm_name: bind_outputs(arm_dir, arm_dir.name))
         out_dir = context.out_dir / arm_name / "predictions"
         out_dir.mkdir(parents=True, exist_ok=True)
-        generator = context.models[arm_name].generator
-        sampler = PosteriorSampler(generator, sampler_options(config), context.device)
+        sampler = arm_sampler(context, arm_name)
         started, done = time.perf_counter(), 0
         for subject_id in world.shard(context.split.test):
-            if all((out_dir / f"{subject_id}_{name}.nii.gz").exists() for name in ("mean", "std")):
+            if all((out_dir / f"{subject_id}_{name}.nii.gz").exists() for name in PREDICTED_MAPS):
                 continue
             volumes = context.dataset.load(subject_id)
             evaluation = EvalVolume(volumes, image_size=config.data.image_size, load_size=config.data.load_size)
             maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
-            write_maps({name: maps[name] for name in ("mean", "std")}, volumes, out_dir, subject_id)
+            write_maps({name: maps[name] for name in PREDICTED_MAPS}, volumes, out_dir, subject_id)
             done += 1
         done = int(world.all_reduce_sum(np.array(done)))
         processes = f" on {world.size} processes" if world.distributed else ""
         context.say(f"arm {arm_name}: sampled {done} test subject(s) with T={config.sampling.samples}{processes} "
                     f"in {time.perf_counter() - started:.1f} s -> {out_dir}")
+
+
+#: The maps the sample stage writes per test subject (the evaluation reads them back).
+PREDICTED_MAPS = ("mean", "std", "std_epistemic", "std_aleatoric")
+
+
+def arm_sampler(context: RunContext, arm_name: str) -> PosteriorSampler:
+    """The sampling engine for the arm's generator and likelihood, with the run's ``[sampling]`` options."""
+    models = context.models[arm_name]
+    return PosteriorSampler(models.generator, sampler_options(context.config), context.device, models.likelihood)
 
 
 def calibration_subjects(context: RunContext) -> list[str]:
@@ -235,11 +244,6 @@ def run_inputs(context: RunContext) -> RunInputs:
     """What ``split.json`` records: each role's subjects and the digests of the subjects read."""
     roles = {"train": context.split.train, "test": context.split.test, "calibration": calibration_subjects(context)}
     return RunInputs(context.dataset.subject_ids(), roles, dict(context.digests), dict(context.input_warnings))
-
-
-def resolved_spread(std: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """The brain voxels calibrators fit on: those whose std is resolved (>= :data:`~uqsynth.metrics.STD_FLOOR`)."""
-    return brain & (std >= STD_FLOOR)
 
 
 def stage_calibrate(context: RunContext) -> None:
@@ -265,8 +269,8 @@ def stage_calibrate(context: RunContext) -> None:
         if not pending:
             continue
         on_main(world, lambda arm_dir=context.out_dir / arm_name: bind_outputs(arm_dir, arm_dir.name))
-        calibrators = {spec.name: context.host["calibrator"].create(spec.name, **spec.params) for spec in pending}
-        sampler = PosteriorSampler(context.models[arm_name].generator, sampler_options(config), context.device)
+        calibrators = {spec.name: context.host["calibrator"].build(spec) for spec in pending}
+        sampler = arm_sampler(context, arm_name)
         started, voxels, degenerate = time.perf_counter(), 0, 0
         # Calibrators whose summaries do not add up need every voxel at once: keep those (memory grows with the set).
         gathered: dict[str, list[tuple[np.ndarray, ...]]] = {
@@ -276,19 +280,17 @@ def stage_calibrate(context: RunContext) -> None:
             evaluation = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size,
                                     load_size=config.data.load_size)
             maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
+            # Every brain voxel, a round-off std too: the calibrators give it a width of their own.
             brain = evaluation.native_mask()
-            usable = resolved_spread(maps["std"], brain)
-            degenerate += int(brain.sum() - usable.sum())
-            if not usable.any():  # counted in `degenerate` above
-                continue
+            degenerate += int((maps["std"][brain] < STD_FLOOR).sum())
             truth = evaluation.normalized_target()
-            batch = (maps["mean"][usable], maps["std"][usable], truth[usable])
+            batch = (maps["mean"][brain], maps["std"][brain], truth[brain])
             for name, calibrator in calibrators.items():
                 if name in gathered:
                     gathered[name].append(batch)
                 else:
                     calibrator.partial_fit(*batch)
-            voxels += int(usable.sum())
+            voxels += int(brain.sum())
         for name, calibrator in calibrators.items():
             if name in gathered:
                 parts = world.gather(gathered[name])
@@ -303,8 +305,8 @@ def stage_calibrate(context: RunContext) -> None:
             for name, calibrator in calibrators.items():
                 save_calibrator(calibrator, out_dir / f"{name}.safetensors", name=name, arm=arm_name)
         world.barrier()
-        note = (f"; {degenerate} brain voxels whose predicted std is below {STD_FLOOR:g} (MC samples equal to "
-                f"round-off) left out" if degenerate else "")
+        note = (f"; {degenerate} of them with a predicted std below {STD_FLOOR:g} (MC samples equal to "
+                f"round-off), which the calibrators give a width of their own" if degenerate else "")
         context.say(f"arm {arm_name}: fitted {', '.join(calibrators)} on {voxels} voxels of {len(subjects)} "
                     f"{config.calibration.subjects} subject(s) in {time.perf_counter() - started:.1f} s{note}")
 

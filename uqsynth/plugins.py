@@ -46,16 +46,30 @@ DEFAULT_PLUGINS = (
     "uqsynth.builtins.adversarial_losses",
     "uqsynth.builtins.datasets",
     "uqsynth.builtins.calibrators",
+    "uqsynth.builtins.likelihoods",
 )
 
 
 @dataclass(frozen=True)
 class Kind:
-    """A plugin kind: its public name, registration hook and interface."""
+    """Everything uqsynth knows about a plugin kind, in one place.
+
+    Adding a kind is this record, its hook specification in
+    :mod:`uqsynth.hookspecs` and its built-ins' registration module; the
+    registry, ``uqsynth plugins``, the configuration's parameter checks and
+    :meth:`Registry.build` follow from it.
+
+    Attributes:
+        name: The public name (``uqsynth plugins`` lists it, errors say it).
+        hook: The registration hook, ``uqsynth_register_<plural>``.
+        interface_path: ``"module:attribute"`` of the interface, imported on first use.
+        injected: Factory arguments uqsynth supplies itself (a TOML table may not set them).
+    """
 
     name: str
     hook: str
-    interface_path: str  # "module:attribute", imported on first use
+    interface_path: str
+    injected: tuple[str, ...] = ()
 
     @functools.cached_property
     def interface(self) -> type:
@@ -67,11 +81,14 @@ KINDS: dict[str, Kind] = {
     kind.name: kind
     for kind in (
         Kind("stochastic_layer", "uqsynth_register_stochastic_layers", "uqsynth.layers.base:StochasticLayer"),
-        Kind("generator", "uqsynth_register_generators", "uqsynth.models.base:Generator"),
-        Kind("discriminator", "uqsynth_register_discriminators", "uqsynth.models.base:Discriminator"),
+        Kind("generator", "uqsynth_register_generators", "uqsynth.models.base:Generator",
+             injected=("image_size", "stochastic_layer", "positions", "in_channels", "out_channels")),
+        Kind("discriminator", "uqsynth_register_discriminators", "uqsynth.models.base:Discriminator",
+             injected=("in_channels",)),
         Kind("adversarial_loss", "uqsynth_register_adversarial_losses", "uqsynth.losses:AdversarialLoss"),
         Kind("calibrator", "uqsynth_register_calibrators", "uqsynth.calibration.base:Calibrator"),
-        Kind("dataset", "uqsynth_register_datasets", "uqsynth.data.base:Dataset"),
+        Kind("dataset", "uqsynth_register_datasets", "uqsynth.data.base:Dataset", injected=("root",)),
+        Kind("likelihood", "uqsynth_register_likelihoods", "uqsynth.likelihoods:Likelihood"),
     )
 }
 
@@ -180,6 +197,17 @@ class Registry:
             raise PluginError(
                 f'unknown {self.kind.name} "{name}"{hint}; run `uqsynth plugins` to list them all'
             ) from None
+
+    def build(self, spec: Any, /, **injected: Any) -> Any:
+        """Build a configured plugin: ``spec`` (a :class:`~uqsynth.config.PluginSpec`) with what uqsynth supplies.
+
+        ``injected`` must be among the kind's :attr:`Kind.injected` (the
+        configuration refuses them in TOML tables, so they never collide).
+        """
+        unexpected = sorted(set(injected) - set(self.kind.injected))
+        if unexpected:
+            raise TypeError(f"{self.kind.name} plugins are not given {', '.join(unexpected)} by uqsynth")
+        return self.create(spec.name, **injected, **spec.params)
 
     def create(self, name: str, /, **params: Any) -> Any:
         """Build the plugin registered as ``name`` and check it implements the interface."""

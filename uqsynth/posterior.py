@@ -13,6 +13,11 @@ benchmarks) goes through :class:`PosteriorSampler`, which
 - accumulates the per-voxel mean and variance sample by sample (Chan et
   al.'s parallel form of Welford's update, in float32 or float64), so memory
   does not grow with T; samples or empirical quantiles are kept only on request;
+- reads each pass through the arm's likelihood (:mod:`uqsynth.likelihoods`):
+  a pass gives a mean image and, for a heteroscedastic likelihood, a
+  per-voxel aleatoric variance. By the law of total variance the predictive
+  variance is the *epistemic* part, the variance of the T means, plus the
+  *aleatoric* part, the mean of the T variances (Kendall & Gal 2017);
 - is reproducible: a seed fixes every dropout mask, whatever the device's
   free memory, because the batch sizes depend only on the configured budget;
   given a volume's key (its subject id), the masks derive from the seed and
@@ -36,6 +41,7 @@ from typing import Literal
 import torch
 
 from uqsynth.layers.base import sampling
+from uqsynth.likelihoods import L1, Likelihood
 from uqsynth.models.base import Generator
 
 #: Default memory budget for one forward pass of slice-samples, per device type (MiB).
@@ -135,16 +141,27 @@ class Posterior:
     """Per-voxel posterior summaries of a batch of slices, in the generator's output units.
 
     Attributes:
-        mean: ``(n, C, H, W)`` predictive mean.
-        variance: ``(n, C, H, W)`` unbiased predictive variance.
-        samples: ``(n, T, C, H, W)`` when requested, else ``None``.
-        quantiles: ``(n, Q, C, H, W)`` at :attr:`SamplerOptions.quantiles`, else ``None``.
+        mean: ``(n, C, H, W)`` predictive mean (the mean of the T passes' means).
+        epistemic_variance: ``(n, C, H, W)`` unbiased variance of the T passes' means.
+        aleatoric_variance: ``(n, C, H, W)`` mean of the T passes' likelihood variances,
+            or ``None`` for a likelihood without one (the paper's ``l1``).
+        samples: ``(n, T, C, H, W)`` of the passes' means when requested, else ``None``.
+        quantiles: ``(n, Q, C, H, W)`` empirical quantiles of the passes' means at
+            :attr:`SamplerOptions.quantiles` (the epistemic spread only), else ``None``.
     """
 
     mean: torch.Tensor
-    variance: torch.Tensor
+    epistemic_variance: torch.Tensor
+    aleatoric_variance: torch.Tensor | None = None
     samples: torch.Tensor | None = None
     quantiles: torch.Tensor | None = None
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """The total predictive variance: epistemic + aleatoric."""
+        if self.aleatoric_variance is None:
+            return self.epistemic_variance
+        return self.epistemic_variance + self.aleatoric_variance
 
     @property
     def std(self) -> torch.Tensor:
@@ -158,10 +175,19 @@ class PosteriorSampler:
         generator: Any :class:`~uqsynth.models.base.Generator`.
         options: How to sample.
         device: Where to run; the generator is moved there.
+        likelihood: What the generator's outputs are (default: the paper's
+            ``l1``, whose output is the image and has no aleatoric variance).
     """
 
-    def __init__(self, generator: Generator, options: SamplerOptions | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        generator: Generator,
+        options: SamplerOptions | None = None,
+        device: str | torch.device = "cpu",
+        likelihood: Likelihood | None = None,
+    ):
         self.options = options or SamplerOptions()
+        self.likelihood = likelihood or L1()
         self.device = torch.device(device)
         if self.options.precision == "fp16" and self.device.type != "cuda":
             raise ValueError('precision "fp16" needs a CUDA device; use "bf16" on the CPU')
@@ -184,7 +210,8 @@ class PosteriorSampler:
         cat = lambda name: (  # noqa: E731
             None if getattr(results[0], name) is None else torch.cat([getattr(r, name) for r in results])
         )
-        return Posterior(cat("mean"), cat("variance"), cat("samples"), cat("quantiles"))
+        return Posterior(cat("mean"), cat("epistemic_variance"), cat("aleatoric_variance"), cat("samples"),
+                         cat("quantiles"))
 
     def iter_chunks(self, source: torch.Tensor, key: str | None = None) -> Iterator[Posterior]:
         """Like :meth:`sample`, chunk by chunk of slices (for progress bars and streaming writes).
@@ -224,7 +251,9 @@ class PosteriorSampler:
     def _sample_chunk(self, chunk: torch.Tensor, samples_per_pass: int) -> Posterior:
         options = self.options
         n = chunk.shape[0]
-        moments = StreamingMoments(dtype=getattr(torch, options.accumulator))
+        accumulator = getattr(torch, options.accumulator)
+        moments = StreamingMoments(dtype=accumulator)
+        aleatoric: torch.Tensor | None = None  # the sum of the passes' likelihood variances
         kept: list[torch.Tensor] = []
         keep = options.keep_samples or bool(options.quantiles)
         with torch.no_grad(), self._autocast():
@@ -237,7 +266,13 @@ class PosteriorSampler:
                 else:
                     draws = self._full(x.repeat_interleave(k, dim=0))
                 # bf16/fp16 outputs are widened; float64 stays float64 (exactness tests rely on it)
-                draws = draws.to(torch.promote_types(draws.dtype, torch.float32)).reshape(n, k, *draws.shape[1:])
+                draws = draws.to(torch.promote_types(draws.dtype, torch.float32))
+                variance = self.likelihood.variance(draws)
+                if variance is not None:
+                    variance = variance.to(accumulator).reshape(n, k, *variance.shape[1:]).sum(1)
+                    aleatoric = variance if aleatoric is None else aleatoric + variance
+                draws = self.likelihood.mean(draws)
+                draws = draws.reshape(n, k, *draws.shape[1:])
                 moments.update(draws, dim=1)
                 if keep:
                     kept.append(draws.to("cpu"))
@@ -248,7 +283,8 @@ class PosteriorSampler:
             quantiles = torch.quantile(samples, levels, dim=1).movedim(0, 1).contiguous()
         return Posterior(
             mean=moments.mean.float().cpu(),
-            variance=moments.variance().float().cpu(),
+            epistemic_variance=moments.variance().float().cpu(),
+            aleatoric_variance=None if aleatoric is None else (aleatoric / options.samples).float().cpu(),
             samples=samples if options.keep_samples else None,
             quantiles=quantiles,
         )

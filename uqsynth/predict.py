@@ -37,23 +37,26 @@ from uqsynth.data.nifti import is_nifti, load_source, load_volume, save_like
 from uqsynth.data.slices import ROBUST_PERCENTILE, EvalVolume
 from uqsynth.devices import resolve_device
 from uqsynth.errors import ConfigError, DataError
+from uqsynth.likelihoods import Likelihood
 from uqsynth.model_files import load_tensors
 from uqsynth.models.base import Generator
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler, SamplerOptions, gaussian_interval
 from uqsynth.run_directory import outputs_difference
-from uqsynth.training import GENERATOR_WEIGHTS, build_generator
+from uqsynth.training import GENERATOR_WEIGHTS, build_generator, build_likelihood
 
-MAPS = ("mean", "std", "lower", "upper")
+#: The maps of a volume: mean, total std and its two parts, and the central interval's bounds.
+MAPS = ("mean", "std", "std_epistemic", "std_aleatoric", "lower", "upper")
 
 
 @dataclass
 class TrainedArm:
-    """A trained arm: its run's configuration, its name and its generator."""
+    """A trained arm: its run's configuration, its name, its generator and the likelihood of its outputs."""
 
     config: Config
     name: str
     generator: Generator
+    likelihood: Likelihood
 
 
 def load_arm(model_dir: str | Path, host: PluginHost | None = None) -> TrainedArm:
@@ -78,7 +81,7 @@ def load_arm(model_dir: str | Path, host: PluginHost | None = None) -> TrainedAr
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise DataError(f"--model {model_dir}: {weights} does not fit the configured generator: {first}") from None
-    return TrainedArm(config, model_dir.name, generator)
+    return TrainedArm(config, model_dir.name, generator, build_likelihood(config.arms[model_dir.name], host))
 
 
 def sampler_options(config: Config, samples: int | None = None) -> SamplerOptions:
@@ -102,36 +105,48 @@ def posterior_maps(
     calibrator: Calibrator | None = None,
     progress: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Mean, std and the central ``level`` interval of one volume, in its own grid.
+    """Every map of :data:`MAPS` for one volume, in its own grid.
 
-    The interval is the fitted ``calibrator``'s when given, else the Gaussian
-    one. Values are on the normalized [0, 1] scale; everything is zero
-    outside the brain mask.
+    ``std`` is the total predictive std, ``sqrt(std_epistemic^2 +
+    std_aleatoric^2)`` (:mod:`uqsynth.posterior`); an arm whose likelihood
+    has no aleatoric part (the paper's ``l1``) has a zero ``std_aleatoric``.
+    The interval is the fitted ``calibrator``'s when given, else the
+    Gaussian one of the total std. Values are on the normalized [0, 1]
+    scale; everything is zero outside the brain mask.
     """
-    means, variances = [], []
+    means, epistemic, aleatoric = [], [], []
     chunks = sampler.iter_chunks(evaluation.source, key=evaluation.subject_id)
     bar = tqdm(total=len(evaluation.source), desc=evaluation.subject_id, unit="tile" if len(evaluation.tiles) > 1
                else "slice", leave=False, file=sys.stderr, disable=not progress)
     for chunk in chunks:
         means.append(chunk.mean)
-        variances.append(chunk.variance)
+        epistemic.append(chunk.epistemic_variance)
+        aleatoric.append(chunk.aleatoric_variance if chunk.aleatoric_variance is not None
+                         else torch.zeros_like(chunk.mean))
         bar.update(chunk.mean.shape[0])
     bar.close()
-    mean, variance = evaluation.assemble(torch.cat(means), torch.cat(variances))
-    # The generator works in [-1, 1]; the normalized scale is [0, 1].
+    mean, epistemic_variance = evaluation.assemble(torch.cat(means), torch.cat(epistemic))
+    # The tiles' mixture puts the spread between placements into the epistemic part; the aleatoric
+    # part is the placements' weighted mean variance, which is the mixture of zero-mean tiles.
+    aleatoric_tiles = torch.cat(aleatoric)
+    _, aleatoric_variance = evaluation.assemble(torch.zeros_like(aleatoric_tiles), aleatoric_tiles)
+    # The generator works in [-1, 1]; the normalized scale is [0, 1], half as wide.
     mean = evaluation.to_native((mean + 1) / 2)
-    std = evaluation.to_native(variance.clamp_min(0).sqrt() / 2)
+    std_epistemic = evaluation.to_native(epistemic_variance.clamp_min(0).sqrt() / 2)
+    std_aleatoric = evaluation.to_native(aleatoric_variance.clamp_min(0).sqrt() / 2)
+    std = np.sqrt(np.square(std_epistemic, dtype=np.float64) + np.square(std_aleatoric, dtype=np.float64))
+    std = std.astype(np.float32)
     mask = evaluation.native_mask()
     if calibrator is None:
         lower, upper = (bound.numpy() for bound in gaussian_interval(torch.from_numpy(mean), torch.from_numpy(std), level))
     else:
-        # A zero predictive std (rare, at the brain's rim) has a point interval.
         lower, upper = mean.astype(np.float64), mean.astype(np.float64)
-        spread = mask & (std > 0)
-        lower[spread], upper[spread] = calibrator.interval(mean[spread], std[spread], level)
+        lower[mask], upper[mask] = calibrator.interval(mean[mask], std[mask], level)
     return {
         "mean": mean,
         "std": std,
+        "std_epistemic": std_epistemic,
+        "std_aleatoric": std_aleatoric,
         "lower": np.where(mask, lower, 0.0).astype(np.float32),
         "upper": np.where(mask, upper, 0.0).astype(np.float32),
     }
@@ -288,7 +303,7 @@ def run_predict(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out_dir}: cannot create the directory: {exc.strerror or exc}") from None
-    sampler = PosteriorSampler(arm.generator, sampler_options(arm.config, samples), torch_device)
+    sampler = PosteriorSampler(arm.generator, sampler_options(arm.config, samples), torch_device, arm.likelihood)
     T = sampler.options.samples
     interval = f"calibrated by {fitted[0]}" if fitted else "Gaussian (no fitted calibrator)"
     print(f"arm {arm.name}: T={T} samples, interval at level {level}: {interval}, "

@@ -3,8 +3,9 @@
 Each step draws one generator output with the stochastic layers sampling
 (as the paper trains), updates the discriminator on real vs. fake pairs
 (loss halved, as pix2pix does), then the generator on the adversarial loss
-plus ``lambda_l1 * L1`` plus ``lambda_kl * sum of the stochastic layers'
-regularizers``.
+plus ``lambda_l1 *`` the arm's likelihood loss (pix2pix's L1 for the
+paper's ``l1``) plus ``lambda_kl * sum of the stochastic layers'
+regularizers``. The discriminator judges the likelihood's mean image.
 
 Checkpoints are written atomically after every epoch and hold everything
 needed to continue exactly (weights, optimizer states, the moving average of
@@ -48,6 +49,7 @@ from uqsynth.config import ArmConfig, Config, TrainConfig
 from uqsynth.distributed import SINGLE, World
 from uqsynth.errors import ConfigError, TrainingDiverged
 from uqsynth.layers.base import sampling, stochastic_layers, total_regularizer
+from uqsynth.likelihoods import Likelihood
 from uqsynth.losses import AdversarialLoss, discriminator_objective, generator_objective
 from uqsynth.model_files import load_state, nonfinite_tensor, save_state, save_tensors, state_tensors
 from uqsynth.models.base import Discriminator, Generator
@@ -62,7 +64,7 @@ TRAIN_LOG = "train_log.csv"
 LOSS_NAMES = {
     "loss_d": "discriminator loss",
     "loss_g_adversarial": "generator's adversarial loss",
-    "loss_g_l1": "generator's L1 loss",
+    "loss_g_likelihood": "generator's likelihood loss",
     "loss_g_kl": "stochastic layers' KL term",
     "loss_g_total": "generator's total loss",
 }
@@ -70,32 +72,38 @@ LOSS_NAMES = {
 
 @dataclass
 class ArmModels:
-    """The networks and loss of one arm."""
+    """The networks, the likelihood of the generator's output and the adversarial loss of one arm."""
 
     generator: Generator
     discriminator: Discriminator
     adversarial_loss: AdversarialLoss
+    likelihood: Likelihood
 
 
 def build_generator(config: Config, arm: ArmConfig, host: PluginHost) -> Generator:
     """The arm's generator with its stochastic layers, freshly initialized.
 
-    Layers that regularize the weights around them get them now, so a
-    generator that attached the wrong kind is refused here, before
-    training, not at the first step.
+    It gets one input channel (the source contrast) and as many output
+    channels as the arm's likelihood needs. Layers that regularize the
+    weights around them get them now, so a generator that attached the
+    wrong kind is refused here, before training, not at the first step.
     """
-    layer = arm.stochastic_layer
-    spec = config.model.generator
-    generator = host["generator"].create(
-        spec.name,
+    generator = host["generator"].build(
+        config.model.generator,
         image_size=config.data.image_size,
-        stochastic_layer=lambda: host["stochastic_layer"].create(layer.name, **layer.params),
+        stochastic_layer=lambda: host["stochastic_layer"].build(arm.stochastic_layer),
         positions=tuple(arm.positions),
-        **spec.params,
+        in_channels=1,
+        out_channels=build_likelihood(arm, host).channels,
     )
     for stochastic in stochastic_layers(generator):
         stochastic.check_attached()
     return generator
+
+
+def build_likelihood(arm: ArmConfig, host: PluginHost) -> Likelihood:
+    """The arm's likelihood (``arms.<name>.likelihood``; the paper's ``l1`` by default)."""
+    return host["likelihood"].build(arm.likelihood)
 
 
 def build_arm(config: Config, arm_name: str, host: PluginHost) -> ArmModels:
@@ -110,10 +118,9 @@ def build_arm(config: Config, arm_name: str, host: PluginHost) -> ArmModels:
     try:
         models = ArmModels(
             generator=build_generator(config, arm, host),
-            discriminator=host["discriminator"].create(
-                spec.discriminator.name, in_channels=2, **spec.discriminator.params
-            ),
-            adversarial_loss=host["adversarial_loss"].create(spec.adversarial_loss.name, **spec.adversarial_loss.params),
+            discriminator=host["discriminator"].build(spec.discriminator, in_channels=2),
+            adversarial_loss=host["adversarial_loss"].build(spec.adversarial_loss),
+            likelihood=build_likelihood(arm, host),
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(
@@ -137,6 +144,10 @@ def check_image_size(models: ArmModels, size: int) -> None:
                     output = network(probe)
                     if output.shape[-2:] != probe.shape[-2:]:
                         raise RuntimeError(f"it returned {tuple(output.shape[-2:])} slices")
+                    channels = models.likelihood.channels
+                    if output.shape[1] != channels:
+                        raise RuntimeError(f"it returned {output.shape[1]} channels where the arm's likelihood "
+                                           f"needs {channels} (does it honour out_channels?)")
                 else:
                     network(probe, probe)
         except (RuntimeError, ValueError) as exc:
@@ -306,8 +317,10 @@ class Trainer:
         source = batch["source"].to(self.device, non_blocking=True)
         real = batch["target"].to(self.device, non_blocking=True)
         precision = self.config.train.precision
+        likelihood = self.models.likelihood
         with _autocast(self.device, precision), sampling(self.generator):
-            fake = self.train_generator(source)
+            output = self.train_generator(source)
+            fake = likelihood.mean(output)  # the discriminator judges the mean image only
 
         set_requires_grad(self.discriminator, True)
         self.optimizer_d.zero_grad(set_to_none=True)
@@ -327,7 +340,7 @@ class Trainer:
             # DDP's wrapper would otherwise wait for. (Its buffers are synchronized by the wrapper.)
             adversarial = self.models.adversarial_loss.generator_loss(self.discriminator(source, fake))
             terms = generator_objective(
-                adversarial, fake.float(), real, total_regularizer(self.generator),
+                adversarial, likelihood.loss(output.float(), real), total_regularizer(self.generator),
                 lambda_l1=self.config.train.lambda_l1, lambda_kl=self.lambda_kl,
             )
         self.scaler.scale(terms["total"]).backward()
@@ -423,7 +436,7 @@ class Trainer:
                     self.check_losses(losses, epoch, count)
                     for key, value in losses.items():
                         totals[key] = totals.get(key, 0.0) + value
-                    shown = {"G": losses["loss_g_total"], "D": losses["loss_d"], "L1": losses["loss_g_l1"]}
+                    shown = {"G": losses["loss_g_total"], "D": losses["loss_d"], "NLL": losses["loss_g_likelihood"]}
                     probabilities = dropout_probabilities(self.generator)
                     if probabilities:
                         shown["p"] = "/".join(f"{p:.3f}" for p in probabilities)
@@ -446,7 +459,7 @@ class Trainer:
             p_text = f", p {' '.join(f'{p:.4f}' for p in probabilities)}" if probabilities else ""
             self.log(
                 f"arm {self.arm_name} epoch {epoch}/{epochs}: G {row['loss_g_total']:.4f} "
-                f"(L1 {row['loss_g_l1']:.4f}, KL {row['loss_g_kl']:.3g}), D {row['loss_d']:.4f}{p_text}, "
+                f"(likelihood {row['loss_g_likelihood']:.4f}, KL {row['loss_g_kl']:.3g}), D {row['loss_d']:.4f}{p_text}, "
                 f"{row['seconds']:.1f} s"
             )
         self.use_average()
