@@ -53,8 +53,18 @@ def make_brats(
 ) -> Path:
     for n, subject in enumerate(ids):
         for c, contrast in enumerate(contrasts):
-            write(root / subject / file_name(subject, contrast, naming, ext), brain(10 * n + c))
+            data = tumour(naming) if contrast == "seg" else brain(10 * n + c)
+            write(root / subject / file_name(subject, contrast, naming, ext), data)
     return root
+
+
+def tumour(naming: str = "2018", shape: tuple[int, ...] = SHAPE) -> np.ndarray:
+    """A BraTS segmentation inside :func:`brain`: edema (2) around enhancing tumour (4, or 3 in 2023+) around core (1)."""
+    seg = np.zeros(shape, np.uint8)
+    seg[6:14, 7:15, 4:12] = 2
+    seg[8:12, 9:13, 6:10] = 4 if naming == "2018" else 3
+    seg[9:11, 10:12, 7:9] = 1
+    return seg
 
 
 def path_of(root: Path, subject: str, contrast: str) -> Path:

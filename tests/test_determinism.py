@@ -20,7 +20,7 @@ def test_same_seed_and_configuration_give_the_same_metrics(smoke_run, tmp_path):
     first, second = (json.loads((run / "metrics.json").read_text()) for run in (smoke_run, again))
     # Wall-clock seconds per stage: the only entry that may differ between two runs.
     assert set(first.pop("timing")) == set(second.pop("timing"))
-    assert set(first["arms"]) == {"mc_dropout", "concrete_dropout"}
+    assert set(first["arms"]) == {"mc_dropout", "concrete_dropout", "concrete_laplace"}
     assert first["arms"]["mc_dropout"]["rmse_mean"] > 0
     assert first == second
     # The per-subject rows hold no timing at all.

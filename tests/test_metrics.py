@@ -371,15 +371,22 @@ def test_quantile_crps_approximates_the_exact_gaussian_crps(std_factor):
     assert widened == pytest.approx(crps_gaussian(truth, mean, 2.0 * std), rel=2e-3)
 
 
-def test_gaussian_nll_by_hand_and_floor():
+def test_gaussian_nll_by_hand_and_point_masses_left_out():
     assert gaussian_nll(np.zeros(1), np.zeros(1), np.ones(1), scale=1.0) == pytest.approx(0.5 * np.log(2 * np.pi))
     assert gaussian_nll(np.ones(1), np.zeros(1), np.full(1, 2.0), scale=1.0) == pytest.approx(
         0.5 * np.log(2 * np.pi * 4.0) + 1 / 8
     )
     # On [0, 255] the density is 255 times flatter.
     assert gaussian_nll(np.zeros(1), np.zeros(1), np.ones(1)) == pytest.approx(0.5 * np.log(2 * np.pi) + np.log(255))
-    floored = gaussian_nll(np.zeros(1), np.zeros(1), np.zeros(1), std_floor=0.01, scale=1.0)
-    assert floored == pytest.approx(0.5 * np.log(2 * np.pi * 1e-4))
+    # A zero std is a point mass: left out and counted, not floored into a number that dominates the mean.
+    truth, mean, std = np.array([0.0, 0.5, 0.3]), np.zeros(3), np.array([1.0, 0.0, 1e-9])
+    assert gaussian_nll(truth, mean, std, scale=1.0) == pytest.approx(0.5 * np.log(2 * np.pi))
+    result = NLLAccumulator(scale=1.0).update(truth, mean, std).result()
+    assert result["n"] == 1 and result["n_left_out"] == 2 and np.isfinite(result["nll"])
+    assert np.isnan(gaussian_nll(np.zeros(2), np.zeros(2), np.zeros(2), std_floor=0.01, scale=1.0))
+    merged = NLLAccumulator(scale=1.0).update(truth[:2], mean[:2], std[:2])
+    merged.merge(NLLAccumulator(scale=1.0).update(truth[2:], mean[2:], std[2:]))
+    assert merged.result() == result
     truth, mean, std = gaussian_voxels(50_000, seed=3)
     calibrated = gaussian_nll(truth, mean, std)
     assert gaussian_nll(truth, mean, std / 3) > calibrated and gaussian_nll(truth, mean, std * 3) > calibrated

@@ -11,6 +11,8 @@ import pytest
 
 from uqsynth.data.phantom import (
     DEFAULT_SHAPE,
+    REGION_LABELS,
+    REGION_NAMES,
     T1W_SEQUENCE,
     T2W_SEQUENCE,
     TISSUES,
@@ -172,6 +174,49 @@ def test_lesion_probability_zero_and_one():
 
 
 # --- the dataset -----------------------------------------------------------------------------
+
+
+# --- region labels -------------------------------------------------------------------
+
+
+def test_every_brain_voxel_is_labelled_with_its_dominant_tissue():
+    for index in range(3):
+        subject = phantom(index)
+        volumes = subject.volumes
+        assert volumes.regions.shape == volumes.mask.shape and volumes.regions.dtype.kind == "i"
+        assert (volumes.regions[volumes.mask] > 0).all() and (volumes.regions[~volumes.mask] == 0).all()
+        stack = np.stack([subject.fractions[name] for name in TISSUES])
+        dominant = np.array([REGION_LABELS[name] for name in TISSUES])[np.argmax(stack, axis=0)]
+        np.testing.assert_array_equal(volumes.regions[volumes.mask], dominant[volumes.mask])
+        assert set(np.unique(volumes.regions)) <= {0, *volumes.region_names}
+
+
+def test_region_names_are_the_tissues_readable_names():
+    assert REGION_NAMES == {1: "CSF", 2: "grey matter", 3: "white matter", 4: "edema", 5: "enhancing rim",
+                            6: "necrotic core"}
+    assert phantom(0).volumes.region_names == REGION_NAMES
+
+
+@pytest.mark.parametrize("index", [0, 3, 4])
+def test_a_drawn_lesion_gives_its_three_parts_as_regions(index):
+    volumes = phantom(index, lesion_probability=1.0).volumes
+    names = {volumes.region_names[label] for label in np.unique(volumes.regions[volumes.mask])}
+    assert {"white matter", "grey matter", "CSF", "edema", "enhancing rim", "necrotic core"} == names
+
+
+def test_no_lesion_no_lesion_regions():
+    volumes = phantom(1, lesion_probability=0.0).volumes
+    names = {volumes.region_names[label] for label in np.unique(volumes.regions[volumes.mask])}
+    assert names == {"white matter", "grey matter", "CSF"}
+
+
+def test_dataset_loads_regions_as_copies():
+    dataset = PhantomDataset(subjects=2, shape=SMALL)
+    first = dataset.load("phantom-000")
+    first.regions[...] = 0
+    first.region_names.clear()
+    again = dataset.load("phantom-000")
+    assert (again.regions[again.mask] > 0).all() and again.region_names == REGION_NAMES
 
 
 def test_dataset_lists_and_loads_subjects():

@@ -11,11 +11,20 @@ from uqsynth.cli import main
 from uqsynth.data.phantom import write_subjects
 
 
+#: The tiny run with a third arm whose generator also predicts a per-voxel Laplace scale.
+TINY_WITH_LAPLACE = TINY + """
+[arms.laplace]
+stochastic_layer = { name = "concrete_dropout", init_p = 0.1 }
+positions = [2, 3]
+likelihood = "laplace"
+"""
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     config = root / "tiny.toml"
-    config.write_text(TINY)
+    config.write_text(TINY_WITH_LAPLACE)
     assert main(["run", str(config), "--out", str(root / "run")]) == 0
     phantoms = {}
     for orientation in ("RAS", "LPS"):
@@ -28,12 +37,13 @@ def outputs(directory):
     return sorted(p.name for p in directory.glob("*")) if directory.exists() else []
 
 
-def test_run_stores_mean_and_std_volumes_of_every_test_subject(trained):
+def test_run_stores_mean_and_the_three_std_volumes_of_every_test_subject(trained):
     root, _ = trained
     run = root / "run"
-    for arm in ("mc", "concrete"):
+    for arm in ("mc", "concrete", "laplace"):
         files = outputs(run / arm / "predictions")
-        assert len(files) == 2 and {f.rsplit("_", 1)[1] for f in files} == {"mean.nii.gz", "std.nii.gz"}
+        (subject,) = {f.split("_", 1)[0] for f in files}
+        assert files == [f"{subject}_{name}.nii.gz" for name in ("mean", "std", "std_aleatoric", "std_epistemic")]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +53,8 @@ def predicted(trained):
     for orientation, t1 in phantoms.items():
         assert main(["predict", "--model", str(root / "run" / "concrete"), "--input", str(t1),
                      "--out", str(root / f"out-{orientation}"), "--samples", "8"]) == 0
+    assert main(["predict", "--model", str(root / "run" / "laplace"), "--input", str(phantoms["LPS"]),
+                 "--out", str(root / "out-laplace"), "--samples", "8"]) == 0
     return root, phantoms
 
 
@@ -67,14 +79,18 @@ def test_predict_uses_the_arms_calibrator_and_says_which(trained, tmp_path, caps
             path.rename(path.with_suffix(".safetensors"))
 
 
-@pytest.mark.parametrize("orientation", ["RAS", "LPS"])
-def test_predict_writes_four_maps_in_the_inputs_own_grid(predicted, orientation):
+MAPS = ("mean", "std", "std_epistemic", "std_aleatoric", "lower", "upper")
+
+
+@pytest.mark.parametrize(("orientation", "arm"), [("RAS", "concrete"), ("LPS", "concrete"), ("LPS", "laplace")])
+def test_predict_writes_six_maps_in_the_inputs_own_grid(predicted, orientation, arm):
     root, phantoms = predicted
     t1 = phantoms[orientation]
-    out = root / f"out-{orientation}"
+    out = root / (f"out-{orientation}" if arm == "concrete" else f"out-{arm}")
     reference = nib.load(t1)
     stem = t1.name[: -len(".nii.gz")]
-    maps = {name: nib.load(out / f"{stem}_{name}.nii.gz") for name in ("mean", "std", "lower", "upper")}
+    assert outputs(out) == sorted(f"{stem}_{name}.nii.gz" for name in MAPS)
+    maps = {name: nib.load(out / f"{stem}_{name}.nii.gz") for name in MAPS}
     brain = np.asanyarray(reference.dataobj) != 0
     for image in maps.values():
         assert image.shape == reference.shape
@@ -86,6 +102,13 @@ def test_predict_writes_four_maps_in_the_inputs_own_grid(predicted, orientation)
     mean, lower, upper = (maps[n].get_fdata() for n in ("mean", "lower", "upper"))
     assert np.all(lower[brain] < upper[brain])  # calibrated: need not be centred on the mean
     assert np.all(mean[~brain] == 0)
+    # The total is the two parts' sum of variances; only a heteroscedastic likelihood has an aleatoric part.
+    epistemic, aleatoric = maps["std_epistemic"].get_fdata(), maps["std_aleatoric"].get_fdata()
+    np.testing.assert_allclose(std**2, epistemic**2 + aleatoric**2, rtol=1e-5, atol=1e-12)
+    if arm == "laplace":
+        assert np.all(aleatoric[brain] > 0)
+    else:
+        assert np.all(aleatoric == 0) and np.array_equal(std, epistemic)
 
 
 def test_ras_and_lps_inputs_give_the_same_world_space_prediction(predicted):
@@ -168,4 +191,4 @@ def test_predict_on_a_smoke_run_of_the_shipped_configuration(tmp_path, capsys):
     t1 = next(subject.glob("*-t1n.nii.gz"))
     assert main(["predict", "--model", str(run / "concrete_dropout"), "--input", str(t1),
                  "--out", str(tmp_path / "O"), "--samples", "3"]) == 0
-    assert len(list((tmp_path / "O").glob("*.nii.gz"))) == 4
+    assert len(list((tmp_path / "O").glob("*.nii.gz"))) == 6  # mean, std, std_epistemic, std_aleatoric, lower, upper

@@ -11,6 +11,7 @@ from test_training import TINY
 
 from uqsynth.calibration.io import load_calibrator
 from uqsynth.cli import main
+from uqsynth.data.phantom import REGION_NAMES
 
 FIGURES = {
     "fig2_rmse.png",
@@ -22,6 +23,7 @@ FIGURES = {
 ARM_KEYS = {
     "rmse_per_subject", "rmse_mean", "psnr_mean", "ssim_mean", "calibration_rms_before", "calibration_rms_after",
     "miscalibration_area_before", "crps", "nll", "picp", "ause", "volume_spearman", "learned_p",
+    "std_mean", "std_below_floor_voxels", "brain_voxels", "nll_left_out_voxels", "regions",
 }
 
 
@@ -37,12 +39,21 @@ def finished(tmp_path_factory):
 def test_metrics_json_has_every_key_the_paper_needs(finished):
     metrics = json.loads((finished / "metrics.json").read_text())
     assert set(metrics["arms"]) == {"mc", "concrete"}
+    assert metrics["calibration"]["subjects"] == "train"
+    assert metrics["calibration"]["count"] == len(json.loads((finished / "split.json").read_text())["train"])
     for name, arm in metrics["arms"].items():
         assert ARM_KEYS <= set(arm), name
         assert len(arm["rmse_per_subject"]) == 2
         assert set(arm["calibration_rms_after"]) == {"isotonic", "sigma_scaling", "conformal"}
         assert set(arm["picp"]) == {"0.5", "0.9", "0.95"} and all(0 <= v <= 1 for v in arm["picp"].values())
         assert 0 <= arm["calibration_rms_before"] <= 1 and arm["rmse_mean"] > 0
+        # The phantom labels every brain voxel with its dominant tissue: coverage per region, before and after.
+        assert {"white matter", "grey matter", "CSF"} <= set(arm["regions"]) <= set(REGION_NAMES.values())
+        assert sum(r["voxels"] for r in arm["regions"].values()) == arm["brain_voxels"]
+        for region in arm["regions"].values():
+            assert list(region["picp_90"]) == ["uncalibrated", "isotonic", "sigma_scaling", "conformal"]
+            assert all(0 <= v <= 1 for v in region["picp_90"].values()) and region["width_90"]["uncalibrated"] >= 0
+        assert arm["nll"] is not None and 0 <= arm["std_below_floor_voxels"] <= arm["brain_voxels"]
     assert len(metrics["arms"]["concrete"]["learned_p"]) == 2 and metrics["arms"]["mc"]["learned_p"] == []
     test = metrics["paired_ttest"]
     assert test["arms"] == ["mc", "concrete"] and test["n"] == 2 and "t" in test and "p" in test
@@ -90,6 +101,9 @@ def test_report_is_one_offline_page_with_every_figure(finished):
     assert page.count("data:image/png;base64,") == len(FIGURES)
     assert not re.search(r"(src|href)=['\"]https?://", page)  # nothing fetched when opened
     assert "paired t-test" in page and "calibration RMS before" in page
+    assert "Coverage by region" in page and "mc PICP 90% after isotonic" in page and "white matter" in page
+    assert "brain voxels with total std &lt; 1e-06" in page
+    assert "Calibrators were fitted on the 3 training subject(s)" in page
 
 
 def test_report_command_rebuilds_identical_metrics_without_sampling(finished, capsys):

@@ -1,15 +1,19 @@
 """The evaluate stage: every metric of every arm, from the saved predictions.
 
-Reads ``RUN/<arm>/predictions/<id>_{mean,std}.nii.gz`` and the fitted
-calibrators, takes the truth from the dataset (the normalized T2w the
+Reads ``RUN/<arm>/predictions/<id>_{mean,std}.nii.gz`` (``_std`` is the
+total std; ``_std_epistemic`` and ``_std_aleatoric``, where a run wrote
+them, are kept for the example figure) and the fitted calibrators, takes
+the truth and the region labels from the dataset (the normalized T2w the
 model was trained to produce), and feeds one subject at a time to a
 :class:`~uqsynth.metrics.CohortEvaluator`, so it never samples again and
 never holds more than one volume. ``uqsynth report RUN`` reruns exactly this.
 
-Outputs ``RUN/metrics.json`` (the keys of issue 5 under ``arms.<arm>``, the
-per-subject linear-map baseline under ``baselines.linear_map``, the paired
-t-test between the first two arms, timing) and ``RUN/metrics.csv``
-(one row per arm and subject).
+Outputs ``RUN/metrics.json`` (the keys of issue 5 under ``arms.<arm>``,
+PICP-90 and 90 % interval width per region under ``arms.<arm>.regions``
+when the dataset labels regions, the per-subject linear-map baseline under
+``baselines.linear_map``, the paired t-test between the first two arms,
+which subjects the calibrators were fitted on, timing) and
+``RUN/metrics.csv`` (one row per arm and subject).
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ from uqsynth.metrics._voxels import level_key
 
 INTERVAL_LEVELS = (0.5, 0.9, 0.95)
 
+#: Optional per-subject std components a run may write next to ``<id>_std.nii.gz`` (the total).
+STD_COMPONENTS = ("std_epistemic", "std_aleatoric")
+
+#: The level of the per-region coverage and width, and its key in ``metrics.json`` (``picp_90``, ``width_90``).
+REGION_LEVEL = 0.9
+_REGION_SUFFIX = "90"
+
 
 @dataclass
 class ArmEvaluation:
@@ -57,25 +68,71 @@ def read_prediction(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the prediction: {exc}") from None
 
 
+def _calibrated_nll(calibrator) -> object | None:
+    """``nll(mean, std, truth)`` of the calibrator's predictive where it has a density, else None.
+
+    Through :meth:`Calibrator.calibrate` and :class:`uqsynth.predictive.GaussianPredictive`
+    where those exist; a predictive without a density (``nll`` raising
+    ``NotImplementedError`` on a probe) gives None, so the report shows no
+    calibrated NLL rather than a wrong one.
+    """
+    calibrate = getattr(calibrator, "calibrate", None)
+    if calibrate is None:
+        return None
+    try:
+        from uqsynth.predictive import GaussianPredictive
+    except ImportError:
+        return None
+
+    def nll(mean, std, truth):
+        return calibrate(GaussianPredictive(mean, std)).nll(truth)
+
+    try:
+        probe = np.asarray(nll(np.full(2, 0.5), np.full(2, 0.1), np.array([0.5, 0.6])), dtype=np.float64)
+    except (NotImplementedError, AttributeError, TypeError, ValueError):
+        return None
+    return nll if probe.shape == (2,) else None
+
+
+def _components(predictions: Path, subject_id: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The std components the run wrote for the subject (none for runs before they existed)."""
+    found = {}
+    for name in STD_COMPONENTS:
+        path = predictions / f"{subject_id}_{name}.nii.gz"
+        if path.is_file():
+            found[name] = read_prediction(path)
+            if found[name].shape != shape:
+                raise DataError(f"{path}: shape {found[name].shape}, the subject {shape}")
+    return found
+
+
 def evaluate_arm(
     config: Config, dataset: Dataset, test_ids: list[str], arm_dir: Path, learned_p: list[float]
 ) -> ArmEvaluation:
-    """All metrics of one arm over the test subjects, before and after each fitted calibrator."""
+    """All metrics of one arm over the test subjects, before and after each fitted calibrator.
+
+    Subjects whose dataset gives region labels are also scored per region
+    (PICP and width of the 90 % interval); the first subject's volumes (with
+    its epistemic and aleatoric std, where the run wrote them) are kept for
+    the example figure.
+    """
     calibrators = {}
     for spec in config.calibration.calibrators:
         path = arm_dir / "calibrators" / f"{spec.name}.safetensors"
         if path.is_file():
             name, calibrator = load_calibrator(path, arm=arm_dir.name)
             calibrators[name] = calibrator
+    nll_fns = {name: fn for name, fn in ((n, _calibrated_nll(c)) for n, c in calibrators.items()) if fn is not None}
     evaluator: CohortEvaluator | None = None
     example: dict[str, np.ndarray] = {}
+    predictions = arm_dir / "predictions"
     for subject_id in test_ids:
         volumes = dataset.load(subject_id)
         evaluation = EvalVolume(volumes, image_size=config.data.image_size)
-        mean = read_prediction(arm_dir / "predictions" / f"{subject_id}_mean.nii.gz")
-        std = read_prediction(arm_dir / "predictions" / f"{subject_id}_std.nii.gz")
+        mean = read_prediction(predictions / f"{subject_id}_mean.nii.gz")
+        std = read_prediction(predictions / f"{subject_id}_std.nii.gz")
         if mean.shape != evaluation.shape or std.shape != evaluation.shape:
-            raise DataError(f"{arm_dir / 'predictions'}: {subject_id}'s maps have shape {mean.shape}, "
+            raise DataError(f"{predictions}: {subject_id}'s maps have shape {mean.shape}, "
                             f"the subject {evaluation.shape}")
         axis = axial_axis(volumes.affine)
         if evaluator is None:
@@ -84,11 +141,15 @@ def evaluate_arm(
                 quantile_fns={name: c.quantile for name, c in calibrators.items()},
                 interval_fns={name: c.interval for name, c in calibrators.items()},
                 interval_levels=INTERVAL_LEVELS,
+                nll_fns=nll_fns,
+                region_levels=(REGION_LEVEL,),
             )
         truth, mask = evaluation.normalized_target(), evaluation.native_mask()
-        evaluator.add(subject_id, truth, mean, std, mask)
+        regions = evaluation.native_regions()
+        evaluator.add(subject_id, truth, mean, std, mask, regions=regions, region_names=evaluation.region_names)
         if not example:
             example = {"source": evaluation.normalized_source(), "truth": truth, "mean": mean, "std": std,
+                       **_components(predictions, subject_id, evaluation.shape),
                        "mask": mask, "axis": np.array(axis), "subject": np.array(subject_id)}
     if evaluator is None:
         raise DataError("no test subjects to evaluate")
@@ -127,12 +188,34 @@ def merge_evaluations(parts: list[ArmEvaluation | None], test_ids: list[str]) ->
     return ArmEvaluation(evaluator, evaluator.result(), present[0].learned_p, example)
 
 
+def region_summary(result: dict) -> dict | None:
+    """``arms.<arm>.regions``: region name -> voxels, subjects, PICP-90 and mean 90 % width (uncalibrated, per calibrator).
+
+    None when no test subject has region labels (the key is then left out).
+    """
+    regions = result.get("regions")
+    if not regions:
+        return None
+    key = level_key(REGION_LEVEL)
+    out = {}
+    for name, numbers in regions.items():
+        groups = {"uncalibrated": numbers["gaussian"], **numbers["calibrators"]}
+        out[name] = {
+            "voxels": numbers["voxels"],
+            "subjects": numbers["subjects"],
+            f"picp_{_REGION_SUFFIX}": {group: values["picp"][key] for group, values in groups.items()},
+            f"width_{_REGION_SUFFIX}": {group: values["width"][key] for group, values in groups.items()},
+        }
+    return out
+
+
 def arm_summary(evaluation: ArmEvaluation) -> dict:
     """The per-arm block of ``metrics.json``."""
     result = evaluation.result
     gaussian = result["gaussian"]
     calibrated = result["calibrators"]
-    return {
+    std = result["std"]
+    summary = {
         "rmse_per_subject": result["rmse_per_subject"],
         "rmse_mean": result["rmse_mean"],
         "mae_mean": result["mae_mean"],
@@ -147,6 +230,12 @@ def arm_summary(evaluation: ArmEvaluation) -> dict:
         "crps": gaussian["crps"],
         "crps_after": {name: c["crps"] for name, c in calibrated.items() if "crps" in c},
         "nll": gaussian["nll"],
+        "nll_left_out_voxels": gaussian["nll_left_out"],
+        "nll_after": {name: c["nll"] for name, c in calibrated.items() if "nll" in c},
+        "std_mean": std["mean"],
+        "std_below_floor_voxels": std["below_floor"],
+        "std_floor": std["floor"],
+        "brain_voxels": std["voxels"],
         "picp": gaussian["picp"],
         "picp_after": {name: c["picp"] for name, c in calibrated.items()},
         "interval_width": gaussian["width"],
@@ -157,6 +246,21 @@ def arm_summary(evaluation: ArmEvaluation) -> dict:
         "triage": result["triage"],
         "learned_p": evaluation.learned_p,
     }
+    regions = region_summary(result)
+    if regions is not None:
+        summary["regions"] = regions
+    return summary
+
+
+def calibration_record(subjects: str, subject_ids: list[str]) -> dict:
+    """``metrics.json``'s ``calibration``: which subjects the calibrators were fitted on, and how many.
+
+    Args:
+        subjects: ``config.calibration.subjects``: ``"train"`` (the paper: the
+            training subjects) or ``"held_out"`` (a separate calibration split).
+        subject_ids: The subjects used (``split.json``'s ``calibration`` role).
+    """
+    return {"subjects": subjects, "count": len(subject_ids), "ids": list(subject_ids)}
 
 
 def metrics_document(
@@ -164,6 +268,7 @@ def metrics_document(
     timing: dict[str, float],
     linear_baseline: dict[str, float],
     input_warnings: dict[str, list[str]] | None = None,
+    calibration: dict | None = None,
 ) -> dict:
     """``metrics.json``: per-arm blocks, the linear-map baseline, the paired t-test of the first two arms, timing.
 
@@ -174,6 +279,8 @@ def metrics_document(
         input_warnings: Subject id -> the warnings its inputs raised
             (:mod:`uqsynth.data.assumptions`), kept so numbers computed on
             suspect inputs say so; ``None``: not known (the key is left out).
+        calibration: Which subjects the calibrators were fitted on
+            (:func:`calibration_record`); ``None``: not known (the key is left out).
     """
     arms = {name: arm_summary(evaluation) for name, evaluation in evaluations.items()}
     baseline = {
@@ -183,6 +290,8 @@ def metrics_document(
     }
     document: dict = {"arms": arms, "baselines": {"linear_map": baseline}, "paired_ttest": None, "timing": timing,
                       "scale": "intensities normalized per slice to [0, 1], errors reported on [0, 255]"}
+    if calibration is not None:
+        document["calibration"] = dict(calibration)
     if input_warnings is not None:
         document["input_warnings"] = {subject: list(lines) for subject, lines in input_warnings.items()}
     names = list(evaluations)
@@ -198,7 +307,7 @@ def metrics_rows(evaluations: dict[str, ArmEvaluation]) -> list[dict]:
     for arm, evaluation in evaluations.items():
         for subject_id, numbers in evaluation.result["subjects"].items():
             row = {"arm": arm, "subject": subject_id}
-            for key in ("rmse", "mae", "psnr", "ssim", "nrmse", "nstd", "ause"):
+            for key in ("rmse", "mae", "psnr", "ssim", "nrmse", "nstd", "ause", "std_mean", "std_below_floor"):
                 row[key] = numbers[key]
             gaussian = numbers["gaussian"]
             row["crps"], row["nll"] = gaussian["crps"], gaussian["nll"]

@@ -319,6 +319,7 @@ def stage_evaluate(context: RunContext) -> None:
     added) and writes the files.
     """
     from uqsynth.evaluation import (
+        calibration_record,
         evaluate_arm,
         evaluate_linear_baseline,
         merge_evaluations,
@@ -342,7 +343,8 @@ def stage_evaluate(context: RunContext) -> None:
     baseline = {k: v for part in baseline_parts for k, v in part.items()}
     baseline = {subject_id: baseline[subject_id] for subject_id in context.split.test}
     timing = {**context.timing, "evaluate": time.perf_counter() - started}
-    context.metrics = metrics_document(context.evaluations, timing, baseline, context.input_warnings)
+    calibration = calibration_record(context.config.calibration.subjects, calibration_subjects(context))
+    context.metrics = metrics_document(context.evaluations, timing, baseline, context.input_warnings, calibration)
     write_metrics(context.out_dir, context.metrics, metrics_rows(context.evaluations))
     linear = context.metrics["baselines"]["linear_map"]["rmse_mean"]
     for name, arm in context.metrics["arms"].items():
@@ -497,7 +499,8 @@ def run_report(run_dir: str | Path) -> int:
     if stale is not None:
         raise ConfigError(f"{run_dir}: {stale}; `uqsynth run` with --force retrains it")
     for arm_name in config.arms:
-        context.models[arm_name] = ArmModels(load_arm(run_dir / arm_name, host).generator, None, None)
+        arm = load_arm(run_dir / arm_name, host)
+        context.models[arm_name] = ArmModels(arm.generator, None, None, arm.likelihood)
     with recording(run_dir) if (run_dir / RECORD).exists() else contextlib.nullcontext():
         stage_evaluate(context)
         stage_report(context)

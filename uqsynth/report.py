@@ -5,15 +5,18 @@ so ``uqsynth report RUN`` rebuilds it from the saved predictions:
 
 - ``fig2_rmse.png``: per-subject volume RMSE per arm, with the paired t-test;
 - ``fig3_examples_<arm>.png``: three slices of one test subject: T1w, true
-  T2w, synthesized T2w, |error| and uncertainty (std);
+  T2w, synthesized T2w, |error| and uncertainty (total std, and beside it
+  its epistemic and aleatoric parts where the run saved them);
 - ``fig4_error_vs_uncertainty_<arm>.png``: voxel, slice and volume level;
 - ``fig5_sparsification.png``: RMSE of the voxels kept as the most uncertain
   are removed, with the oracle (removal by true error);
 - ``fig6_7_calibration_<arm>.png``: calibration curves before and after each
   calibrator, with their RMS distance to y = x.
 
-``report.html`` embeds the images (base64) and the tables, so it opens
-offline and can be mailed as one file.
+``report.html`` embeds the images (base64) and the tables (accuracy,
+calibration, coverage and width per region, the spread of the std), and
+says which subjects the calibrators were fitted on, so it opens offline
+and can be mailed as one file.
 """
 
 from __future__ import annotations
@@ -60,15 +63,26 @@ def _example_slices(mask: np.ndarray, axis: int, count: int = 3) -> list[int]:
     return [int(present[int(len(present) * q)]) for q in np.linspace(0.25, 0.75, count)]
 
 
+#: Fig. 3's std columns: example key -> column title; the parts appear where the run saved them.
+STD_COLUMNS = (("std", "uncertainty (total std)"), ("std_epistemic", "epistemic std"),
+               ("std_aleatoric", "aleatoric std"))
+
+
 def figure_examples(name: str, evaluation: ArmEvaluation, path: Path) -> Path:
-    """Fig. 3: T1w, true T2w, synthesized, |error| and uncertainty on three slices."""
+    """Fig. 3: T1w, true T2w, synthesized, |error| and uncertainty on three slices.
+
+    The uncertainty is the total std and, where the run saved them, its
+    epistemic and aleatoric parts, on one colour scale (the total's
+    maximum), so the columns compare at a glance.
+    """
     example = evaluation.example
     axis = int(example["axis"])
     rows = _example_slices(example["mask"], axis)
     error = np.abs(example["mean"] - example["truth"]) * example["mask"]
+    std_max = max(float(example["std"].max()), 1e-6)
     columns = [("T1w", example["source"], 1.0), ("true T2w", example["truth"], 1.0),
                ("synthesized T2w", example["mean"], 1.0), ("|error|", error, 0.5),
-               ("uncertainty (std)", example["std"], max(float(example["std"].max()), 1e-6))]
+               *[(title, example[key], std_max) for key, title in STD_COLUMNS if key in example]]
     figure, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.2 * len(rows)),
                                 layout="constrained")  # room for the figure title above the panels'
     for r, index in enumerate(rows):
@@ -172,6 +186,79 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _count(value) -> str:
+    return "n/a" if value is None else ("none" if value == 0 else f"{value:,}")
+
+
+def _first_calibrator(regions: dict) -> str | None:
+    """The first calibrator an arm's regions were scored with (the configuration's order), or None."""
+    first = next(iter(regions.values()), {})
+    return next((name for name in first.get("picp_90", {}) if name != "uncalibrated"), None)
+
+
+def region_table(arms: dict) -> str:
+    """PICP-90 and mean 90 % width per region (rows) and arm, uncalibrated and after the arm's first calibrator.
+
+    A dataset without region labels gives a sentence saying so instead.
+    """
+    with_regions = {name: a["regions"] for name, a in arms.items() if a.get("regions")}
+    if not with_regions:
+        return ("<p>No region labels: the dataset labels no region of the test subjects, so coverage is "
+                "reported for the whole brain only.</p>")
+    regions: dict[str, dict] = {}
+    for per_region in with_regions.values():
+        for region, numbers in per_region.items():
+            regions.setdefault(region, numbers)
+    header, columns = ["region", "voxels", "subjects"], []
+    for name in with_regions:
+        first = _first_calibrator(with_regions[name])
+        groups = [("uncalibrated", "uncalibrated")] + ([(first, f"after {first}")] if first else [])
+        for metric, label in (("picp_90", "PICP 90%"), ("width_90", "width 90%")):
+            for group, group_label in groups:
+                header.append(f"{name} {label} {group_label}")
+                columns.append((name, metric, group))
+    rows = []
+    for region, numbers in regions.items():
+        row = [region, _count(numbers["voxels"]), str(numbers.get("subjects", ""))]
+        for name, metric, group in columns:
+            row.append(with_regions[name].get(region, {}).get(metric, {}).get(group))
+        rows.append(row)
+    note = ("<p>Per region: the fraction of true intensities inside the central 90 % interval (PICP; 0.9 when "
+            "calibrated) and the interval's mean width on [0, 255], pooled over the test subjects' voxels of the "
+            "region (each voxel in the region of its label).</p>")
+    return note + _table(header, rows)
+
+
+def calibration_text(document: dict) -> str:
+    """Which subjects the calibrators were fitted on, and how many (``metrics.json``'s ``calibration``)."""
+    record = document.get("calibration")
+    if not record:
+        return "The subjects the calibrators were fitted on were not recorded."
+    count = record.get("count")
+    if record.get("subjects") == "train":
+        which = f"the {count} training subject(s), as in the paper (calibration.subjects = \"train\")"
+    elif record.get("subjects") == "held_out":
+        which = (f"{count} held-out calibration subject(s), a split apart from training and test "
+                 "(calibration.subjects = \"held_out\")")
+    else:
+        which = f"{count} subject(s) (calibration.subjects = {record.get('subjects')!r})"
+    return f"Calibrators were fitted on {which}."
+
+
+def spread_table(arms: dict) -> str:
+    """The std in the brain per arm: its mean, and how many voxels have none (a point mass, left out of the NLL)."""
+    floor = next((a.get("std_floor") for a in arms.values() if a.get("std_floor") is not None), None)
+    below = f"brain voxels with total std < {floor:g}" if floor is not None else "brain voxels with total std below the floor"
+    nll_names = sorted({c for a in arms.values() for c in a.get("nll_after", {})})
+    rows = [[name, a.get("std_mean"), _count(a.get("brain_voxels")), _count(a.get("std_below_floor_voxels")),
+             a.get("nll"), *[a.get("nll_after", {}).get(c) for c in nll_names]] for name, a in arms.items()]
+    note = (f"<p>The Gaussian NLL is over the brain voxels whose std is resolved; the {html.escape(below)} "
+            "are a point mass (every sample agreed), have no finite NLL, and are left out of it and counted "
+            "here.</p>")
+    return _table(["arm", "mean std (brain, [0, 255])", "brain voxels", below, "NLL (uncalibrated)",
+                   *[f"NLL after {c}" for c in nll_names]], rows) + note
+
+
 def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
     """One self-contained page: summary tables, then every figure embedded as base64 PNG."""
     arms = document["arms"]
@@ -220,7 +307,9 @@ def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>uqsynth report</title>"
         f"<style>{style}</style></head><body><h1>uqsynth report</h1>"
         f"<p>Errors on the [0, 255] scale inside the brain mask; intensities normalized per slice. {html.escape(ttest_text)}</p>"
-        f"<h2>Accuracy and uncertainty</h2>{summary}<h2>Calibration</h2>{calibration}"
+        f"<h2>Accuracy and uncertainty</h2>{summary}{spread_table(arms)}"
+        f"<h2>Calibration</h2><p>{html.escape(calibration_text(document))}</p>{calibration}"
+        f"<h2>Coverage by region</h2>{region_table(arms)}"
         f"<h2>Per-subject RMSE</h2>{per_subject}<p>{html.escape(baseline_text)}</p><p>Timing: {html.escape(timing)}</p>"
         f"<h2>Figures</h2>{images}</body></html>"
     )

@@ -38,6 +38,12 @@ class SubjectVolumes:
         warnings: One line each for what looks wrong but not fatal about the
             inputs (:mod:`uqsynth.data.assumptions`), e.g. a volume that may not
             be skull-stripped; every consumer shows or records them.
+        regions: Per-voxel region labels (integers, same shape as ``source``,
+            0 = no region), so evaluation can say where the uncertainty fails
+            (e.g. in the lesion); ``None`` when the dataset has none for the subject.
+        region_names: Label -> the region's name, for every nonzero label
+            ``regions`` may hold (empty when ``regions`` is ``None``). Names,
+            not labels, identify a region across subjects and datasets.
     """
 
     subject_id: str
@@ -50,6 +56,8 @@ class SubjectVolumes:
     target_path: Path | None = None
     info: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    regions: np.ndarray | None = None
+    region_names: dict[int, str] = field(default_factory=dict)
 
 
 class Dataset(ABC):

@@ -16,6 +16,16 @@ found at any depth below the root (the 2018 release nests them in ``HGG/`` and
 id is taken from its file names, and all of a subject's files must sit in one
 folder. What the scan did not use (files of no naming, other contrasts,
 folders with no subject, hidden twins) is listed by ``scan_summary()``.
+
+Region labels: a subject's tumour segmentation (``<id>_seg`` or ``<id>-seg``),
+when it has one, becomes ``SubjectVolumes.regions`` so evaluation reports
+coverage inside each tumour part and in the rest of the brain. Its labels
+are those of the release (:attr:`Naming.seg_labels`: 1 necrotic /
+non-enhancing core, 2 edema, 4 enhancing tumour in 2018-2021, 3 in 2023+);
+brain-mask voxels outside the tumour get :data:`NON_TUMOUR_LABEL`
+("non-tumour brain"). A segmentation on another grid than the source, or
+with labels the release does not use, is refused naming the file; a subject
+without one has ``regions = None``.
 """
 
 from __future__ import annotations
@@ -25,9 +35,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from uqsynth.data.base import Dataset, SubjectVolumes
 from uqsynth.data.discovery import Walk, describe_endings, leaf_folders, left_out, walk
-from uqsynth.data.nifti import load_pair
+from uqsynth.data.nifti import load_labels, load_pair
 from uqsynth.errors import ConfigError, DataError
 
 #: Generic contrast names users may ask for.
@@ -36,15 +48,22 @@ CONTRASTS = ("t1", "t2", "flair", "t1ce")
 #: How messages name each contrast.
 ROLES = {"t1": "T1w", "t2": "T2w", "flair": "FLAIR", "t1ce": "T1ce", "seg": "seg"}
 
+#: Region label of the brain-mask voxels outside the tumour (no BraTS release uses it).
+NON_TUMOUR_LABEL = 10
+
+#: Name of the :data:`NON_TUMOUR_LABEL` region.
+NON_TUMOUR_NAME = "non-tumour brain"
+
 
 @dataclass(frozen=True)
 class Naming:
-    """One release family's file naming: ``<id><separator><suffix>.nii[.gz]``."""
+    """One release family's file naming: ``<id><separator><suffix>.nii[.gz]``, and its segmentation labels."""
 
     name: str
     separator: str
     suffixes: dict[str, str]
     aliases: dict[str, str] = field(default_factory=dict)
+    seg_labels: dict[int, str] = field(default_factory=dict)
 
     def example(self, contrast: str) -> str:
         """Show the expected path for ``contrast``, for messages."""
@@ -73,11 +92,13 @@ NAMINGS = (
         "_",
         {"t1": "t1", "t2": "t2", "flair": "flair", "t1ce": "t1ce", "seg": "seg"},
         {"t1gd": "t1ce"},  # BraTS-TCGA-GBM/LGG (TCIA) name the contrast-enhanced T1 "t1Gd"
+        seg_labels={1: "necrotic/non-enhancing core", 2: "edema", 4: "enhancing tumour"},
     ),
     Naming(
         "BraTS 2023+",
         "-",
         {"t1": "t1n", "t2": "t2w", "flair": "t2f", "t1ce": "t1c", "seg": "seg"},
+        seg_labels={1: "necrotic/non-enhancing core", 2: "edema", 3: "enhancing tumour"},
     ),
 )
 
@@ -152,10 +173,14 @@ def _group(files: list[tuple[Path, re.Match[str]]], naming: Naming) -> dict[str,
     return subjects
 
 
-def _one_file(subject_id: str, subject: _Subject, naming: Naming, contrast: str) -> Path:
+def _one_file(
+    subject_id: str, subject: _Subject, naming: Naming, contrast: str, *, required: bool = True
+) -> Path | None:
     suffix = naming.suffix(contrast)
     paths = subject.files.get(suffix, [])
     role = ROLES.get(contrast, contrast)
+    if not paths and not required:
+        return None
     if not paths:
         expected = f"{subject_id}{naming.separator}{suffix}.nii[.gz]"
         raise DataError(f"subject {subject_id}: no {role} file {expected} in {subject.folder}")
@@ -192,19 +217,28 @@ def _notes(
 
 
 def _scan(
-    root: str | Path, contrasts: tuple[str, ...]
+    root: str | Path, contrasts: tuple[str, ...], optional: tuple[str, ...] = ()
 ) -> tuple[Naming, dict[str, dict[str, Path]], list[str]]:
-    """Map every subject under ``root`` to its file for each of ``contrasts``; also the scan's notes."""
+    """Map every subject under ``root`` to its file for each of ``contrasts``; also the scan's notes.
+
+    ``optional`` contrasts (e.g. ``"seg"``) are mapped where a subject has one
+    and left out of its mapping where it has none.
+    """
     root = Path(root)
     _check_root(root)
     walked = walk(root)
     naming, files, unnamed = _detect(walked, contrasts)
     subjects = _group(files, naming)
-    found = {
-        subject_id: {c: _one_file(subject_id, subject, naming, c) for c in contrasts}
-        for subject_id, subject in sorted(subjects.items())
-    }
-    return naming, found, _notes(walked, naming, subjects, unnamed, contrasts)
+    found = {}
+    for subject_id, subject in sorted(subjects.items()):
+        found[subject_id] = {c: _one_file(subject_id, subject, naming, c) for c in contrasts}
+        for contrast in optional:
+            if contrast not in contrasts:
+                path = _one_file(subject_id, subject, naming, contrast, required=False)
+                if path is not None:
+                    found[subject_id][contrast] = path
+    used = contrasts + tuple(c for c in optional if c not in contrasts)
+    return naming, found, _notes(walked, naming, subjects, unnamed, used)
 
 
 def detect_naming(root: str | Path) -> str:
@@ -265,6 +299,8 @@ class BratsDataset(Dataset):
             like the contrasts: ``"seg"`` (the tumour labels), a contrast name,
             or a literal suffix such as ``"brainmask"`` for ``<id>_brainmask.nii.gz``.
             ``None`` (the paper): the nonzero voxels of the source.
+        regions: Read each subject's segmentation, when it has one, as its
+            region labels (see the module docstring); ``False``: never.
     """
 
     def __init__(
@@ -274,17 +310,19 @@ class BratsDataset(Dataset):
         source: str = "t1",
         target: str = "t2",
         mask: str | None = None,
+        regions: bool = True,
     ) -> None:
         self.root = Path(root)
         self.source = source
         self.target = target
         self.mask = mask
+        self.regions = bool(regions)
         _check_contrast(source, "source")
         _check_contrast(target, "target")
         if source == target:
             raise ConfigError(f"source and target contrast are both {source!r}")
         contrasts = (source, target) if mask is None else (source, target, mask)
-        self.naming_, self._files, self.notes_ = _scan(self.root, contrasts)
+        self.naming_, self._files, self.notes_ = _scan(self.root, contrasts, ("seg",) if self.regions else ())
 
     def subject_ids(self) -> list[str]:
         """Return the subject ids, sorted."""
@@ -295,11 +333,11 @@ class BratsDataset(Dataset):
         return list(self.notes_)
 
     def load(self, subject_id: str) -> SubjectVolumes:
-        """Load and validate one subject's source, target (and mask) volumes."""
+        """Load and validate one subject's source, target (and mask) volumes, and its region labels."""
         files = self._files.get(subject_id)
         if files is None:
             raise DataError(f"subject {subject_id}: not found under BraTS root {self.root}")
-        return load_pair(
+        volumes = load_pair(
             files[self.source],
             files[self.target],
             subject_id=subject_id,
@@ -308,9 +346,30 @@ class BratsDataset(Dataset):
             target_role=ROLES[self.target],
             mask_option='the brats dataset\'s mask option, e.g. mask = "brainmask" for <id>_brainmask.nii.gz',
         )
+        seg = files.get("seg") if self.regions else None
+        if seg is not None:
+            volumes.regions, volumes.region_names = self._regions(volumes, seg, files[self.source])
+            volumes.info["seg_path"] = seg
+        return volumes
+
+    def _regions(self, volumes: SubjectVolumes, seg: Path, source: Path) -> tuple[np.ndarray, dict[int, str]]:
+        """The segmentation's tumour labels, and :data:`NON_TUMOUR_LABEL` on the rest of the brain mask."""
+        labels = load_labels(seg, role="seg", subject_id=volumes.subject_id, like=volumes, like_path=source)
+        known = self.naming_.seg_labels
+        unknown = sorted(set(np.unique(labels).tolist()) - {0, *known})
+        if unknown:
+            expected = ", ".join(f"{label} {name}" for label, name in known.items())
+            raise DataError(
+                f"subject {volumes.subject_id}: seg file {seg} holds label value(s) "
+                f"{', '.join(str(v) for v in unknown)}, which {self.naming_.name} segmentations do not use "
+                f"(0 background, {expected}); fix the file, or set the brats dataset's regions = false"
+            )
+        regions = labels.astype(np.int16)
+        regions[(labels == 0) & volumes.mask] = NON_TUMOUR_LABEL
+        return regions, {**known, NON_TUMOUR_LABEL: NON_TUMOUR_NAME}
 
     def __repr__(self) -> str:
         return (
             f"BratsDataset(root={str(self.root)!r}, source={self.source!r}, "
-            f"target={self.target!r}, mask={self.mask!r}, subjects={len(self._files)})"
+            f"target={self.target!r}, mask={self.mask!r}, regions={self.regions!r}, subjects={len(self._files)})"
         )

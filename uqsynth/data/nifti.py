@@ -216,6 +216,52 @@ def load_volume(path: str | Path, *, role: str, subject_id: str | None) -> Volum
     return Volume(data, affine, img.header)
 
 
+def load_labels(
+    path: str | Path, *, role: str, subject_id: str, like: Volume | SubjectVolumes, like_path: str | Path
+) -> np.ndarray:
+    """Read a label image (e.g. a tumour segmentation) on the grid of a loaded volume.
+
+    Checked as :func:`load_volume` checks images (readable, 3D, finite, a
+    usable affine) except that it may be all zero (a subject without a
+    tumour), and its values must be whole numbers.
+
+    Args:
+        path: The ``.nii`` or ``.nii.gz`` label file.
+        role: What the file is, for messages (e.g. ``"seg"``).
+        subject_id: The subject it belongs to, for messages.
+        like: The volume whose grid (shape and affine) the labels must share.
+        like_path: That volume's file, for messages.
+
+    Returns:
+        The labels as int32, in the file's own axis order.
+
+    Raises:
+        DataError: One line naming the file: unreadable, not 3D, NaN or
+            infinite or fractional values, or another shape or affine than ``like``.
+    """
+    path = Path(path)
+    data, img = _read(path, role, subject_id)
+    data = _as_3d(data, path, role, subject_id)
+    where = _where(subject_id)
+    if not np.isfinite(data).all():
+        raise DataError(f"{where}{role} file {path} has NaN or infinite voxels; expected integer labels")
+    fractional = np.unique(data[data != np.round(data)])
+    if fractional.size:
+        shown = ", ".join(f"{v:g}" for v in fractional[:5]) + (", ..." if fractional.size > 5 else "")
+        raise DataError(f"{where}{role} file {path} holds values that are not whole numbers ({shown}); "
+                        "expected integer labels")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    reference = like.array if isinstance(like, Volume) else like.source
+    if data.shape != reference.shape:
+        raise DataError(f"{where}{role} file {path} has shape {data.shape} but {like_path} has shape "
+                        f"{reference.shape}; the labels must be on the image's grid")
+    difference = float(np.max(np.abs(affine - like.affine))) if np.isfinite(affine).all() else math.inf
+    if difference > AFFINE_TOLERANCE_MM:
+        raise DataError(f"{where}{role} file {path} and {like_path} have different affines (largest difference "
+                        f"{difference:.4g} mm); the labels must be on the image's grid")
+    return data.astype(np.int32)
+
+
 def _check_same_grid(
     first: Volume, second: Volume, paths: tuple[Path, Path], subject_id: str
 ) -> None:

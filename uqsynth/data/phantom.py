@@ -25,6 +25,16 @@ deformation and a per-axis scale map onto the image):
   irregular, larger edema, which spreads through WM and mostly spares cortex.
   The lesion pushes the surrounding anatomy outwards (mass effect).
 
+Region labels (``SubjectVolumes.regions``, names in :data:`REGION_NAMES`):
+each brain voxel is labelled with its dominant tissue, the one with the
+largest fraction (ties go to the first in :data:`TISSUES` order), so a
+partial-volume voxel belongs to exactly one region. There are six: CSF (the
+outer CSF, sulci, fissure and ventricles), grey matter (the cortical ribbon
+and the deep grey nuclei: the phantom draws them as the same tissue), white
+matter, and the lesion's parts, edema, enhancing rim and necrotic core
+(present only where a lesion is drawn and large enough to dominate a voxel).
+Outside the brain mask the label is 0.
+
 Partial volume is simulated by turning every signed distance to a boundary
 into a tissue fraction with a linear ramp one voxel wide (the exact fraction
 for a planar boundary and a box-shaped voxel), so boundaries are not binary
@@ -92,6 +102,8 @@ from uqsynth.errors import DataError
 __all__ = [
     "DEFAULT_SHAPE",
     "DEFAULT_FOV_MM",
+    "REGION_LABELS",
+    "REGION_NAMES",
     "T1W_SEQUENCE",
     "T2W_SEQUENCE",
     "T2STAR_FACTOR",
@@ -100,6 +112,7 @@ __all__ = [
     "PhantomSubject",
     "Tissue",
     "make_phantom",
+    "region_labels",
     "make_subject",
     "spin_echo",
     "spoiled_gradient_echo",
@@ -178,6 +191,37 @@ TISSUES: dict[str, Tissue] = {
 }
 
 
+#: Region label of each tissue (keys of :data:`TISSUES`), in their order; 0 is "outside the brain".
+REGION_LABELS: dict[str, int] = {name: index + 1 for index, name in enumerate(TISSUES)}
+
+#: Label -> region name: the tissue's readable name ("enhancing rim", without
+#: the "(pre-contrast)" that qualifies its relaxation times).
+REGION_NAMES: dict[int, str] = {
+    REGION_LABELS[name]: TISSUES[name].name.split(" (")[0] for name in TISSUES
+}
+
+
+def region_labels(fractions: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """Each brain voxel's dominant tissue as a region label (:data:`REGION_LABELS`), 0 outside ``mask``.
+
+    Args:
+        fractions: Tissue name (keys of :data:`TISSUES`) -> fraction map.
+        mask: Brain mask, same shape.
+
+    Returns:
+        int16 labels: the tissue with the largest fraction (ties: the first in
+        :data:`TISSUES` order) inside the mask, 0 outside.
+    """
+    dominant = np.zeros(mask.shape, dtype=np.int16)
+    best = np.full(mask.shape, -np.inf, dtype=np.float32)
+    for name in TISSUES:
+        larger = fractions[name] > best  # strict: a tie keeps the earlier tissue
+        best = np.where(larger, fractions[name], best)
+        dominant[larger] = REGION_LABELS[name]
+    dominant[~mask] = 0
+    return dominant
+
+
 def spoiled_gradient_echo(pd, t1_ms, t2_ms, *, tr_ms, te_ms, flip_deg, t2star_factor=T2STAR_FACTOR):
     """Steady-state spoiled gradient-echo signal (the phantom's T1w).
 
@@ -214,7 +258,8 @@ class PhantomSubject:
     """A generated subject with its ground truth, for documentation and tests.
 
     Attributes:
-        volumes: What a dataset returns (T1w source, T2w target, mask, affine, info).
+        volumes: What a dataset returns (T1w source, T2w target, mask, affine, info,
+            region labels of the dominant tissue).
         fractions: Tissue name (keys of :data:`TISSUES`) -> float32 fraction map;
             fractions sum to 1 in every brain voxel and are 0 outside the mask.
         pd: Proton-density map (0 outside the mask, as are the other maps).
@@ -721,7 +766,8 @@ def make_phantom(
     affine[:3, 3] = [ax[0] for ax in axes_mm]
     info = _info(index, seed, shape, voxel_mm, lesion, fractions, affine, tissues, acquisition)
     volumes = SubjectVolumes(
-        subject_id=_subject_id(index), source=t1w, target=t2w, mask=mask, affine=affine, info=info
+        subject_id=_subject_id(index), source=t1w, target=t2w, mask=mask, affine=affine, info=info,
+        regions=region_labels(fractions, mask), region_names=dict(REGION_NAMES),
     )
     pd, t1, t2 = (m.astype(np.float32, copy=False) for m in maps)
     for array in (*fractions.values(), pd, t1, t2):
@@ -770,7 +816,9 @@ def make_subject(
     2 inferior->superior), float32, exactly zero outside ``mask``; ``affine`` is
     diagonal (voxel size) with the grid centre at the world origin; ``info``
     records the drawn tissue and sequence parameters and whether a lesion is
-    present. Arguments are those of :func:`make_phantom`.
+    present; ``regions`` labels each brain voxel with its dominant tissue
+    (:func:`region_labels`, names in :data:`REGION_NAMES`). Arguments are
+    those of :func:`make_phantom`.
 
     Raises:
         DataError: A parameter is out of range.
@@ -864,6 +912,8 @@ def _copy(volumes: SubjectVolumes) -> SubjectVolumes:
         mask=volumes.mask.copy(),
         affine=volumes.affine.copy(),
         info=dict(volumes.info),
+        regions=None if volumes.regions is None else volumes.regions.copy(),
+        region_names=dict(volumes.region_names),
     )
 
 

@@ -235,6 +235,8 @@ def _check_volumes(volumes: SubjectVolumes, need_target: bool = True) -> None:
     shapes = {"source": volumes.source.shape, "mask": volumes.mask.shape}
     if volumes.target is not None:
         shapes["target"] = volumes.target.shape
+    if volumes.regions is not None:
+        shapes["regions"] = np.shape(volumes.regions)
     if len(set(shapes.values())) != 1 or volumes.source.ndim != 3:
         found = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
         raise DataError(f"subject {volumes.subject_id}: expected 3D volumes of one shape; got {found}")
@@ -429,6 +431,7 @@ class EvalVolume:
         mask: bool tensor ``(n * tiles, 1, S, S)``, the brain mask at network size.
         source_scale: float32 ``(n,)`` robust maxima of the source slices.
         target_scale: float32 ``(n,)`` robust maxima of the target slices, or ``None``.
+        region_names: Region label -> name (empty when the subject has no region labels).
 
     Args:
         volumes: The loaded subject (``target`` may be ``None`` for prediction).
@@ -472,6 +475,9 @@ class EvalVolume:
             self.target = self._to_network(self._target_native)
         mask = resize(torch.from_numpy(self._native_mask.astype(np.float32))[:, None], load_size)
         self.mask = self._tile(mask) >= 0.5
+        # Labels are only scored in the input's grid, never resized: kept as given.
+        self._native_regions = None if volumes.regions is None else np.asarray(volumes.regions)
+        self.region_names = dict(volumes.region_names) if volumes.regions is not None else {}
 
     def _to_network(self, normalized: np.ndarray) -> torch.Tensor:
         images = resize(torch.from_numpy(normalized)[:, None], self.load_size)
@@ -573,6 +579,10 @@ class EvalVolume:
     def native_mask(self) -> np.ndarray:
         """The brain mask in the input's own grid (bool)."""
         return from_axial_slices(self._native_mask, self.affine, self.shape)
+
+    def native_regions(self) -> np.ndarray | None:
+        """The region labels in the input's own grid (int, 0 = no region; names in :attr:`region_names`), or ``None``."""
+        return None if self._native_regions is None else self._native_regions.copy()
 
     def _native_volume(self, normalized: np.ndarray) -> np.ndarray:
         masked = np.where(self._native_mask, normalized, np.float32(0.0))

@@ -11,7 +11,8 @@ by default), so a fitted calibrator plugs in as ``calibrator.quantile``.
 Modules, one concept each: :mod:`.accuracy` (RMSE, MAE, PSNR, SSIM),
 :mod:`.levels` (error vs uncertainty per voxel, slice, volume),
 :mod:`.calibration` (calibration curve, RMS, miscalibration area),
-:mod:`.scores` (CRPS, NLL, PICP and width), :mod:`.sparsification`
+:mod:`.scores` (CRPS, NLL, PICP and width), :mod:`.regions` (PICP and
+width per region label), :mod:`.sparsification`
 (sparsification curve, oracle, AUSE), :mod:`.compare` (paired t-test,
 triage) and :mod:`.evaluate` (everything for a subject and a cohort).
 """
@@ -28,6 +29,7 @@ from uqsynth.metrics.calibration import (
 from uqsynth.metrics.compare import paired_ttest, triage
 from uqsynth.metrics.evaluate import CohortEvaluator, evaluate_subject
 from uqsynth.metrics.levels import correlation, nrmse, nstd, slice_level, voxel_pairs
+from uqsynth.metrics.regions import REGION_LEVELS, RegionIntervalAccumulator
 from uqsynth.metrics.scores import (
     STD_FLOOR,
     CRPSAccumulator,
@@ -43,12 +45,14 @@ from uqsynth.metrics.sparsification import SparsificationAccumulator, ause, spar
 
 __all__ = [
     "DEFAULT_LEVELS",
+    "REGION_LEVELS",
     "STD_FLOOR",
     "CRPSAccumulator",
     "CalibrationCurveAccumulator",
     "CohortEvaluator",
     "IntervalAccumulator",
     "NLLAccumulator",
+    "RegionIntervalAccumulator",
     "SparsificationAccumulator",
     "ause",
     "calibration_curve",

@@ -3,7 +3,9 @@
 Metrics that need quantiles or intervals take functions with the signatures
 of :meth:`uqsynth.calibration.base.Calibrator.quantile` and
 :meth:`~uqsynth.calibration.base.Calibrator.interval`, so a fitted
-calibrator's bound methods drop in where these defaults are used.
+calibrator's bound methods drop in where these defaults are used. These
+defaults are :class:`uqsynth.predictive.GaussianPredictive`'s, so the
+uncalibrated numbers are the predictive interface's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from scipy.special import ndtri
+
+from uqsynth.predictive import GaussianPredictive
 
 QuantileFn = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 """``quantile_fn(mean, std, q) -> q-quantile per voxel``, as ``Calibrator.quantile``."""
@@ -22,14 +25,9 @@ IntervalFn = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndar
 
 def gaussian_quantile(mean: np.ndarray, std: np.ndarray, q: float | np.ndarray) -> np.ndarray:
     """``q``-quantile of N(mean, std^2): ``mean + std * Phi^-1(q)`` (the paper's Gaussian assumption)."""
-    return np.asarray(mean, dtype=np.float64) + np.asarray(std, dtype=np.float64) * ndtri(q)
+    return GaussianPredictive(mean, std).quantile(q)
 
 
 def gaussian_interval(mean: np.ndarray, std: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """Central ``level`` interval of N(mean, std^2)."""
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    half = float(ndtri(0.5 + level / 2.0))
-    mean = np.asarray(mean, dtype=np.float64)
-    std = np.asarray(std, dtype=np.float64)
-    return mean - half * std, mean + half * std
+    """Central ``level`` interval of N(mean, std^2): ``mean -/+ Phi^-1(1/2 + level/2) * std``."""
+    return GaussianPredictive(mean, std).interval(level)

@@ -10,7 +10,11 @@ report can read the saved per-subject NIfTI volumes one at a time.
 Uncalibrated predictions are scored as the paper's Gaussian N(mean, std^2);
 each calibrator is given by its quantile and/or interval function (a
 fitted :class:`~uqsynth.calibration.base.Calibrator`'s bound ``quantile``
-and ``interval``), keyed by a name.
+and ``interval``), and optionally a per-voxel NLL function, keyed by a name.
+
+Subjects with region labels (:mod:`uqsynth.metrics.regions`) also get the
+coverage and width of the central 90 % interval per region, uncalibrated
+and after each calibrator, pooled over the cohort.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from uqsynth.metrics.accuracy import mae, psnr, rmse, ssim
 from uqsynth.metrics.calibration import DEFAULT_LEVELS, CalibrationCurveAccumulator
 from uqsynth.metrics.compare import triage
 from uqsynth.metrics.levels import correlation, nrmse, nstd, slice_level, voxel_pairs
+from uqsynth.metrics.regions import REGION_LEVELS, RegionIntervalAccumulator
 from uqsynth.metrics.scores import (
     STD_FLOOR,
     DEFAULT_INTERVAL_LEVELS,
@@ -48,9 +53,12 @@ def _interval_from_quantiles(quantile_fn: QuantileFn) -> IntervalFn:
 class _Settings:
     """Options shared by :func:`evaluate_subject` and :class:`CohortEvaluator`, validated once."""
 
-    def __init__(self, *, interval_fns, quantile_fns, interval_levels, calibration_levels, scale, std_floor):
+    def __init__(self, *, interval_fns, quantile_fns, interval_levels, calibration_levels, scale, std_floor,
+                 nll_fns=None, region_levels=REGION_LEVELS):
         self.interval_fns: dict[str, IntervalFn] = dict(interval_fns or {})
         self.quantile_fns: dict[str, QuantileFn] = dict(quantile_fns or {})
+        self.nll_fns = dict(nll_fns or {})
+        self.region_levels = tuple(float(level) for level in region_levels)
         self.interval_levels = tuple(float(level) for level in interval_levels)
         self.calibration_levels = np.asarray(calibration_levels, dtype=np.float64)
         self.scale = float(scale)
@@ -58,11 +66,27 @@ class _Settings:
             raise ValueError(f"std_floor must be positive, got {std_floor}")
         self.std_floor = float(std_floor)
         self.names = list(self.quantile_fns) + [n for n in self.interval_fns if n not in self.quantile_fns]
+        extra = sorted(set(self.nll_fns) - set(self.names))
+        if extra:
+            raise ValueError(f"nll_fns names {extra} have no quantile or interval function")
 
     def key(self) -> tuple:
         """What must match for two evaluators' sums to add up (the calibrators by name)."""
         return (tuple(self.names), self.interval_levels, tuple(self.calibration_levels.tolist()), self.scale,
-                self.std_floor)
+                self.std_floor, tuple(sorted(self.nll_fns)), self.region_levels)
+
+    def interval_fn(self, name: str) -> IntervalFn:
+        """A calibrator's interval function (its own, or central intervals from its quantiles)."""
+        return self.interval_fns.get(name) or _interval_from_quantiles(self.quantile_fns[name])
+
+    def region_accumulators(self) -> dict[str, RegionIntervalAccumulator]:
+        """Fresh per-region accumulators: ``"gaussian"`` and one per calibrator name."""
+        groups = {"gaussian": RegionIntervalAccumulator(levels=self.region_levels, scale=self.scale)}
+        for name in self.names:
+            groups[name] = RegionIntervalAccumulator(
+                interval_fn=self.interval_fn(name), levels=self.region_levels, scale=self.scale
+            )
+        return groups
 
     def accumulators(self) -> dict[str, dict[str, object]]:
         """Fresh accumulators: ``"gaussian"`` and one group per calibrator name."""
@@ -80,8 +104,11 @@ class _Settings:
             if quantile_fn is not None:
                 group["calibration"] = CalibrationCurveAccumulator(levels=self.calibration_levels, quantile_fn=quantile_fn)
                 group["crps"] = CRPSAccumulator(quantile_fn=quantile_fn, scale=self.scale)
-            interval_fn = self.interval_fns.get(name) or _interval_from_quantiles(quantile_fn)
-            group["intervals"] = IntervalAccumulator(interval_fn=interval_fn, levels=self.interval_levels, scale=self.scale)
+            if name in self.nll_fns:
+                group["nll"] = NLLAccumulator(std_floor=self.std_floor, scale=self.scale, nll_fn=self.nll_fns[name])
+            group["intervals"] = IntervalAccumulator(
+                interval_fn=self.interval_fn(name), levels=self.interval_levels, scale=self.scale
+            )
             groups[name] = group
         return groups
 
@@ -92,7 +119,8 @@ def _summary(group: Mapping[str, object], *, curve: bool) -> dict:
     if "crps" in group:
         out["crps"] = group["crps"].result()["crps"]
     if "nll" in group:
-        out["nll"] = group["nll"].result()["nll"]
+        nll = group["nll"].result()
+        out["nll"], out["nll_left_out"] = nll["nll"], nll["n_left_out"]
     intervals = group["intervals"].result()
     out["picp"], out["width"] = intervals["picp"], intervals["width"]
     if "calibration" in group:
@@ -105,8 +133,30 @@ def _summary(group: Mapping[str, object], *, curve: bool) -> dict:
     return out
 
 
-def _evaluate(truth, mean, std, mask, *, axis: int, settings: _Settings) -> tuple[dict, dict]:
-    """Per-subject numbers and the filled accumulators (for the cohort)."""
+def _region_summary(groups: Mapping[str, RegionIntervalAccumulator], names: list[str]) -> dict | None:
+    """Region name -> voxels, subjects, and ``gaussian`` / ``calibrators`` PICP and width; None without regions."""
+    gaussian = groups["gaussian"].result()
+    if not gaussian:
+        return None
+    calibrated = {name: groups[name].result() for name in names}
+    return {
+        region: {
+            "voxels": numbers["voxels"],
+            "subjects": numbers["subjects"],
+            "gaussian": {"picp": numbers["picp"], "width": numbers["width"]},
+            "calibrators": {
+                name: {"picp": calibrated[name][region]["picp"], "width": calibrated[name][region]["width"]}
+                for name in names
+            },
+        }
+        for region, numbers in gaussian.items()
+    }
+
+
+def _evaluate(
+    truth, mean, std, mask, *, axis: int, settings: _Settings, regions=None, region_names=None
+) -> tuple[dict, dict, dict | None]:
+    """Per-subject numbers and the filled accumulators (for the cohort): scores, and per region (or None)."""
     t, m, s = masked_voxels(mask, truth, mean, std, names=("truth", "mean", "std"))
     if (s < 0).any():
         raise ValueError("std holds negative values inside the mask")
@@ -120,6 +170,8 @@ def _evaluate(truth, mean, std, mask, *, axis: int, settings: _Settings) -> tupl
         "ssim": ssim(truth, mean, mask, axis=axis),
         "nrmse": nrmse(t, m),
         "nstd": nstd(s, scale=scale),
+        "std_mean": float(np.mean(s)) * scale,
+        "std_below_floor": int(np.count_nonzero(s < settings.std_floor)),
         "slices": slice_level(truth, mean, std, mask, axis=axis, scale=scale),
         "voxel_correlation": correlation(np.abs(m - t), s),
         "ause": sparsity["ause"],
@@ -127,14 +179,25 @@ def _evaluate(truth, mean, std, mask, *, axis: int, settings: _Settings) -> tupl
     }
     # Probabilistic scores see std >= std_floor: calibrators refuse std 0, and
     # a voxel every MC sample agreed on would otherwise have no distribution.
+    # The Gaussian NLL alone sees the raw std: it leaves such point masses out and counts them.
     s_floored = np.maximum(s, settings.std_floor)
     groups = settings.accumulators()
-    for group in groups.values():
-        for accumulator in group.values():
-            accumulator.update(t, m, s_floored)
+    for name, group in groups.items():
+        for key, accumulator in group.items():
+            accumulator.update(t, m, s if (name, key) == ("gaussian", "nll") else s_floored)
     result["gaussian"] = _summary(groups["gaussian"], curve=False)
     result["calibrators"] = {name: _summary(groups[name], curve=False) for name in settings.names}
-    return result, groups
+    region_groups = None
+    if regions is not None:
+        labels = np.asarray(regions)
+        if labels.shape != np.shape(truth):
+            raise ValueError(f"regions has shape {labels.shape}, expected {np.shape(truth)} like truth")
+        labels = labels[np.asarray(mask, dtype=bool)]
+        region_groups = settings.region_accumulators()
+        for accumulator in region_groups.values():
+            accumulator.update(t, m, s_floored, labels, dict(region_names or {}))
+        result["regions"] = _region_summary(region_groups, settings.names)
+    return result, groups, region_groups
 
 
 def evaluate_subject(
@@ -150,6 +213,10 @@ def evaluate_subject(
     calibration_levels: np.ndarray = DEFAULT_LEVELS,
     scale: float = 255.0,
     std_floor: float = STD_FLOOR,
+    nll_fns: Mapping[str, object] | None = None,
+    regions: np.ndarray | None = None,
+    region_names: Mapping[int, str] | None = None,
+    region_levels: tuple[float, ...] = REGION_LEVELS,
 ) -> dict:
     """Every per-subject metric, as a JSON-ready dict.
 
@@ -165,19 +232,31 @@ def evaluate_subject(
         interval_levels: Levels of PICP and width.
         calibration_levels: Grid of the calibration curve.
         scale: Intensity scale of reported errors, stds, CRPS and widths (the paper's 255).
-        std_floor: Floor on std (normalized scale) for the probabilistic scores.
+        std_floor: Floor on std (normalized scale) for the probabilistic
+            scores; the Gaussian NLL leaves voxels below it out instead.
+        nll_fns: Calibrator name -> ``nll(mean, std, truth)``, the per-voxel NLL
+            (normalized scale) of its calibrated predictive, where it has a density.
+        regions: Integer region labels, same shape (0 = no region), or None.
+        region_names: Label -> region name for every nonzero label inside the mask.
+        region_levels: Levels of the per-region PICP and width.
 
     Returns:
         A dict with ``n_voxels``, ``rmse``, ``mae`` (both on [0, scale]),
-        ``psnr`` (dB), ``ssim``, ``nrmse``, ``nstd``, ``slices`` (``index``,
+        ``psnr`` (dB), ``ssim``, ``nrmse``, ``nstd``, ``std_mean`` (mean std
+        on [0, scale]), ``std_below_floor`` (voxels with std < ``std_floor``),
+        ``slices`` (``index``,
         ``nrmse``, ``nstd`` lists), ``voxel_correlation`` (``pearson``,
         ``pearson_p``, ``spearman``, ``spearman_p``, ``n``: |error| vs std
         over all brain voxels), ``ause`` and ``ause_normalized`` (exact
-        sparsification), ``gaussian`` (``crps``, ``nll``, ``picp`` and
-        ``width`` keyed by level as ``"0.9"``, ``calibration_rms``,
-        ``miscalibration_area``) and ``calibrators`` (name -> the same
-        without ``nll``; ``crps`` and the calibration keys only for names
-        with a quantile function).
+        sparsification), ``gaussian`` (``crps``, ``nll`` and ``nll_left_out``
+        (the point-mass voxels it leaves out), ``picp`` and ``width`` keyed
+        by level as ``"0.9"``, ``calibration_rms``, ``miscalibration_area``),
+        ``calibrators`` (name -> the same; ``nll`` only for names in
+        ``nll_fns``, ``crps`` and the calibration keys only for names with a
+        quantile function) and, with ``regions``, ``regions`` (name ->
+        ``voxels``, ``subjects``, ``gaussian`` and ``calibrators`` with
+        ``picp`` and ``width`` at ``region_levels``; None if no brain voxel
+        has a region).
     """
     settings = _Settings(
         interval_fns=interval_fns,
@@ -186,8 +265,12 @@ def evaluate_subject(
         calibration_levels=calibration_levels,
         scale=scale,
         std_floor=std_floor,
+        nll_fns=nll_fns,
+        region_levels=region_levels,
     )
-    return _evaluate(truth, mean, std, mask, axis=axis, settings=settings)[0]
+    return _evaluate(
+        truth, mean, std, mask, axis=axis, settings=settings, regions=regions, region_names=region_names
+    )[0]
 
 
 class CohortEvaluator:
@@ -195,12 +278,12 @@ class CohortEvaluator:
 
     Memory holds one subject's volumes at a time plus bounded summaries:
     calibration counts per grid point, score sums, the sparsification
-    histograms and a subsample of (|error|, std) pairs per subject for the
-    voxel-level scatter plot.
+    histograms, the per-region interval sums, and a subsample of
+    (|error|, std) pairs per subject for the voxel-level scatter plot.
 
     Args:
         axis: Slice axis of the volumes.
-        interval_fns, quantile_fns, interval_levels, calibration_levels, scale, std_floor:
+        interval_fns, quantile_fns, interval_levels, calibration_levels, scale, std_floor, nll_fns, region_levels:
             As in :func:`evaluate_subject`.
         sparsification_bins, key_range: Histogram of :class:`SparsificationAccumulator`.
         voxel_points: Size of the per-subject (|error|, std) subsample kept for plots.
@@ -210,6 +293,8 @@ class CohortEvaluator:
         subjects_: Subject id -> :func:`evaluate_subject` dict, in order added.
         voxel_pairs_: Subject id -> ``(abs_error, std)`` arrays on [0, scale].
         accumulators_: ``"gaussian"`` and calibrator name -> accumulators.
+        regions_: ``"gaussian"`` and calibrator name -> :class:`RegionIntervalAccumulator`
+            (empty until a subject with region labels is added).
         sparsification_: The cohort :class:`SparsificationAccumulator`.
     """
 
@@ -223,6 +308,8 @@ class CohortEvaluator:
         calibration_levels: np.ndarray = DEFAULT_LEVELS,
         scale: float = 255.0,
         std_floor: float = STD_FLOOR,
+        nll_fns: Mapping[str, object] | None = None,
+        region_levels: tuple[float, ...] = REGION_LEVELS,
         sparsification_bins: int = 4096,
         key_range: tuple[float, float] = (1e-6, 1.0),
         voxel_points: int = 20000,
@@ -236,16 +323,33 @@ class CohortEvaluator:
             calibration_levels=calibration_levels,
             scale=scale,
             std_floor=std_floor,
+            nll_fns=nll_fns,
+            region_levels=region_levels,
         )
         self.voxel_points = voxel_points
         self.seed = seed
         self.subjects_: dict[str, dict] = {}
         self.voxel_pairs_: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.accumulators_ = self._settings.accumulators()
+        self.regions_ = self._settings.region_accumulators()
         self.sparsification_ = SparsificationAccumulator(bins=sparsification_bins, key_range=key_range, scale=scale)
 
-    def add(self, subject_id: str, truth: np.ndarray, mean: np.ndarray, std: np.ndarray, mask: np.ndarray) -> dict:
+    def add(
+        self,
+        subject_id: str,
+        truth: np.ndarray,
+        mean: np.ndarray,
+        std: np.ndarray,
+        mask: np.ndarray,
+        *,
+        regions: np.ndarray | None = None,
+        region_names: Mapping[int, str] | None = None,
+    ) -> dict:
         """Evaluate one subject, fold it into the cohort, and return its dict.
+
+        ``regions`` and ``region_names`` (as in :func:`evaluate_subject`) add
+        the subject's voxels to the per-region sums; a cohort may mix
+        subjects with and without them.
 
         Raises:
             ValueError: The id was added before, or the inputs are invalid.
@@ -253,10 +357,14 @@ class CohortEvaluator:
         subject_id = str(subject_id)
         if subject_id in self.subjects_:
             raise ValueError(f"subject {subject_id!r} was added already")
-        result, groups = _evaluate(truth, mean, std, mask, axis=self.axis, settings=self._settings)
+        result, groups, region_groups = _evaluate(
+            truth, mean, std, mask, axis=self.axis, settings=self._settings, regions=regions, region_names=region_names
+        )
         for name, group in groups.items():
             for key, accumulator in group.items():
                 self.accumulators_[name][key].merge(accumulator)
+        for name, accumulator in (region_groups or {}).items():
+            self.regions_[name].merge(accumulator)
         self.sparsification_.update(truth, mean, std, mask)
         self.voxel_pairs_[subject_id] = voxel_pairs(
             truth, mean, std, mask, max_points=self.voxel_points, seed=self.seed, scale=self._settings.scale
@@ -284,6 +392,8 @@ class CohortEvaluator:
         for name, group in other.accumulators_.items():
             for key, accumulator in group.items():
                 self.accumulators_[name][key].merge(accumulator)
+        for name, accumulator in other.regions_.items():
+            self.regions_[name].merge(accumulator)
         self.sparsification_.merge(other.sparsification_)
         subjects = {**self.subjects_, **other.subjects_}
         pairs = {**self.voxel_pairs_, **other.voxel_pairs_}
@@ -312,7 +422,13 @@ class CohortEvaluator:
             curve: ``expected``, ``observed``, ``rms``,
             ``miscalibration_area``, ``n``); and ``sparsification``
             (pooled curves over all test voxels, binned: ``recall``,
-            ``rmse``, ``rmse_oracle``, ``ause``, ``ause_normalized``, ``n``).
+            ``rmse``, ``rmse_oracle``, ``ause``, ``ause_normalized``, ``n``);
+            ``std`` (``mean``: the mean std over all brain voxels on [0, scale],
+            ``below_floor``: brain voxels with std below ``std_floor``,
+            ``voxels``, ``floor``); and ``regions`` (region name -> ``voxels``,
+            ``subjects``, ``gaussian`` and ``calibrators`` with ``picp`` and
+            ``width`` at the region levels, pooled over the subjects that have
+            region labels; None when none has).
         """
         if not self.subjects_:
             raise ValueError("no subjects added yet; call add first")
@@ -326,6 +442,7 @@ class CohortEvaluator:
         slice_nstd = [v for i in ids for v in subjects[i]["slices"]["nstd"]]
         volume_nrmse = {i: subjects[i]["nrmse"] for i in ids}
         volume_nstd = {i: subjects[i]["nstd"] for i in ids}
+        voxels = sum(subjects[i]["n_voxels"] for i in ids)
         return {
             "n_subjects": len(ids),
             "subjects": subjects,
@@ -344,4 +461,11 @@ class CohortEvaluator:
             "gaussian": _summary(self.accumulators_["gaussian"], curve=True),
             "calibrators": {name: _summary(self.accumulators_[name], curve=True) for name in self._settings.names},
             "sparsification": self.sparsification_.result(),
+            "std": {
+                "mean": sum(subjects[i]["std_mean"] * subjects[i]["n_voxels"] for i in ids) / voxels,
+                "below_floor": sum(subjects[i]["std_below_floor"] for i in ids),
+                "voxels": voxels,
+                "floor": self._settings.std_floor,
+            },
+            "regions": _region_summary(self.regions_, self._settings.names),
         }

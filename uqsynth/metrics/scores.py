@@ -10,8 +10,13 @@ improve its expected score by reporting anything but what it believes.
   one :func:`crps_from_quantiles` integrates the pinball loss over
   quantile levels.
 - Gaussian NLL is only defined for the Gaussian predictive (an isotonic
-  map has no useful density). It needs a floor on the std, since a voxel
-  every MC sample agreed on has std 0 and infinite NLL.
+  map has no useful density; a calibrator whose predictive has one can give
+  it as ``nll_fn``). A voxel every MC sample agreed on (std below
+  :data:`STD_FLOOR`) is a point mass: its NLL is infinite when it is wrong
+  and minus infinite when it is right, and any floor would make a handful
+  of them dominate the mean of millions. Such voxels are left out of the
+  NLL and counted (``n_left_out``), so the number stays finite and says
+  what it covers.
 - PICP (prediction interval coverage probability) is the fraction of truths
   inside the central ``level`` interval; calibrated means PICP = level. The
   mean width says what that coverage costs.
@@ -50,8 +55,8 @@ STD_FLOOR = 1e-6
 """Predictive std (normalized [0, 1] scale) below which a voxel has no resolved spread.
 
 Its T Monte Carlo samples agree to float32 round-off. The probabilistic
-scores floor the std here, and the calibrate stage leaves such voxels out of
-the fit: an error divided by a round-off std is meaningless, and a dozen of
+scores floor the std here (the Gaussian NLL leaves such voxels out and
+counts them), and the calibrate stage leaves them out of the fit: an error divided by a round-off std is meaningless, and a dozen of
 them can dominate a Gaussian fit over a million voxels.
 """
 
@@ -130,10 +135,11 @@ def gaussian_nll(
 ) -> float:
     """Mean Gaussian negative log-likelihood inside ``mask``, of the density on ``[0, scale]``.
 
-    ``0.5 log(2 pi s^2) + (y - mean)^2 / (2 s^2)`` with
-    ``s = scale * max(std, std_floor)``. Lower is better. The floor (on the
-    normalized scale) keeps a zero-std voxel finite; it still costs a lot if
-    that voxel is wrong, as it should.
+    ``0.5 log(2 pi s^2) + (y - mean)^2 / (2 s^2)`` with ``s = scale * std``,
+    over the voxels whose std is at least ``std_floor`` (normalized scale):
+    below it the predictive is a point mass with no finite NLL, so those
+    voxels are left out (:class:`NLLAccumulator` counts them). Lower is
+    better. NaN when every voxel is left out.
     """
     return _one_shot(NLLAccumulator(std_floor=std_floor, scale=scale), truth, mean, std, mask)["nll"]
 
@@ -246,23 +252,59 @@ class CRPSAccumulator(_SumAccumulator):
 
 
 class NLLAccumulator(_SumAccumulator):
-    """Streaming mean Gaussian NLL (see :func:`gaussian_nll`)."""
+    """Streaming mean NLL: the Gaussian's (see :func:`gaussian_nll`), or that of ``nll_fn``.
 
-    def __init__(self, *, std_floor: float = STD_FLOOR, scale: float = 255.0) -> None:
+    Args:
+        std_floor: Voxels with a smaller std (normalized scale) are point
+            masses: left out of the Gaussian NLL and counted in ``n_left_out``.
+        scale: Intensity scale of the density (adds ``log(scale)`` to a
+            normalized-scale NLL).
+        nll_fn: ``nll_fn(mean, std, truth) -> per-voxel NLL`` on the
+            normalized scale, e.g. a calibrated predictive's; voxels where it
+            is not finite are left out and counted. ``None``: the Gaussian.
+
+    Attributes:
+        n_left_out_: Voxels left out (point masses, or non-finite ``nll_fn`` values).
+    """
+
+    def __init__(self, *, std_floor: float = STD_FLOOR, scale: float = 255.0, nll_fn=None) -> None:
         super().__init__()
         if not std_floor > 0:
             raise ValueError(f"std_floor must be positive, got {std_floor}")
         self.std_floor = std_floor
         self.scale = scale
+        self.nll_fn = nll_fn
+        self.n_left_out_ = 0
 
-    def _batch_sums(self, truth, mean, std):
-        s = np.maximum(std, self.std_floor) * self.scale
-        z = (truth - mean) * self.scale / s
-        return {"nll": np.sum(0.5 * np.log(2.0 * np.pi) + np.log(s) + 0.5 * z * z)}
+    def update(self, truth, mean, std, mask=None):
+        """Add the voxels inside ``mask``, leaving out (and counting) those without a finite NLL; return ``self``."""
+        truth, mean, std = masked_voxels(mask, truth, mean, std, names=("truth", "mean", "std"))
+        if self.nll_fn is None:
+            kept = std >= self.std_floor
+            s = std[kept] * self.scale
+            z = (truth[kept] - mean[kept]) * self.scale / s
+            nll = 0.5 * np.log(2.0 * np.pi) + np.log(s) + 0.5 * z * z
+        else:
+            nll = np.asarray(self.nll_fn(mean, std, truth), dtype=np.float64).ravel() + np.log(self.scale)
+            kept = np.isfinite(nll)
+            nll = nll[kept]
+        self.sums_["nll"] = self.sums_.get("nll", 0.0) + float(np.sum(nll))
+        self.n_ += int(nll.size)
+        self.n_left_out_ += int(truth.size - nll.size)
+        return self
+
+    def merge(self, other):
+        """Add the sums and counts of ``other``; return ``self``."""
+        super().merge(other)
+        self.n_left_out_ += other.n_left_out_
+        return self
 
     def result(self) -> dict[str, float]:
-        """``{"nll": mean NLL, "n": voxels}``."""
-        return {"nll": self._means()["nll"], "n": int(self.n_)}
+        """``{"nll": mean NLL over the voxels kept (NaN if none), "n": voxels kept, "n_left_out": voxels left out}``."""
+        if self.n_ == 0 and self.n_left_out_ == 0:
+            raise ValueError("no voxels accumulated yet; call update first")
+        nll = self.sums_["nll"] / self.n_ if self.n_ else float("nan")
+        return {"nll": nll, "n": int(self.n_), "n_left_out": int(self.n_left_out_)}
 
 
 class IntervalAccumulator(_SumAccumulator):
