@@ -56,6 +56,7 @@ class ArmEvaluation:
     result: dict
     learned_p: list[float]
     example: dict[str, np.ndarray] = field(default_factory=dict)
+    calibrator_fit: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> its fit_report()
 
 
 def read_prediction(path: Path) -> np.ndarray:
@@ -68,25 +69,29 @@ def read_prediction(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the prediction: {exc}") from None
 
 
+class _CalibratedNLL:
+    """``nll(mean, std, truth)`` of a calibrator's predictive; a class, so sharded evaluation can pickle it."""
+
+    def __init__(self, calibrator) -> None:
+        self.calibrator = calibrator
+
+    def __call__(self, mean, std, truth):
+        from uqsynth.predictive import GaussianPredictive
+
+        return self.calibrator.calibrate(GaussianPredictive(mean, std)).nll(truth)
+
+
 def _calibrated_nll(calibrator) -> object | None:
     """``nll(mean, std, truth)`` of the calibrator's predictive where it has a density, else None.
 
-    Through :meth:`Calibrator.calibrate` and :class:`uqsynth.predictive.GaussianPredictive`
-    where those exist; a predictive without a density (``nll`` raising
-    ``NotImplementedError`` on a probe) gives None, so the report shows no
-    calibrated NLL rather than a wrong one.
+    Through :meth:`Calibrator.calibrate` and :class:`uqsynth.predictive.GaussianPredictive`;
+    a predictive without a density (``nll`` raising ``NotImplementedError``
+    on a probe: isotonic's step function, conformal's bounded intervals)
+    gives None, so the report shows no calibrated NLL rather than a wrong one.
     """
-    calibrate = getattr(calibrator, "calibrate", None)
-    if calibrate is None:
+    if getattr(calibrator, "calibrate", None) is None:
         return None
-    try:
-        from uqsynth.predictive import GaussianPredictive
-    except ImportError:
-        return None
-
-    def nll(mean, std, truth):
-        return calibrate(GaussianPredictive(mean, std)).nll(truth)
-
+    nll = _CalibratedNLL(calibrator)
     try:
         probe = np.asarray(nll(np.full(2, 0.5), np.full(2, 0.1), np.array([0.5, 0.6])), dtype=np.float64)
     except (NotImplementedError, AttributeError, TypeError, ValueError):
@@ -153,7 +158,9 @@ def evaluate_arm(
                        "mask": mask, "axis": np.array(axis), "subject": np.array(subject_id)}
     if evaluator is None:
         raise DataError("no test subjects to evaluate")
-    return ArmEvaluation(evaluator, evaluator.result(), learned_p, example)
+    fits = {name: {key: float(value) for key, value in calibrator.fit_report().items()}
+            for name, calibrator in calibrators.items()}
+    return ArmEvaluation(evaluator, evaluator.result(), learned_p, example, fits)
 
 
 def evaluate_linear_baseline(config: Config, dataset: Dataset, test_ids: list[str]) -> dict[str, float]:
@@ -185,7 +192,7 @@ def merge_evaluations(parts: list[ArmEvaluation | None], test_ids: list[str]) ->
     for index, part in enumerate(present[1:], start=2):
         evaluator.merge(part.evaluator, order=test_ids if index == len(present) else None)
     example = next((part.example for part in present if part.example), {})
-    return ArmEvaluation(evaluator, evaluator.result(), present[0].learned_p, example)
+    return ArmEvaluation(evaluator, evaluator.result(), present[0].learned_p, example, present[0].calibrator_fit)
 
 
 def region_summary(result: dict) -> dict | None:
@@ -245,6 +252,8 @@ def arm_summary(evaluation: ArmEvaluation) -> dict:
         "volume_spearman": result["levels"]["volume"]["spearman"],
         "triage": result["triage"],
         "learned_p": evaluation.learned_p,
+        # What each fitted calibrator learned of the voxels (its floor; isotonic's clamped fraction, ...).
+        "calibrator_fit": evaluation.calibrator_fit,
     }
     regions = region_summary(result)
     if regions is not None:

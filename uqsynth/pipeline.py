@@ -257,14 +257,15 @@ def stage_calibrate(context: RunContext) -> None:
     are not a :class:`~uqsynth.calibration.base.StreamingCalibrator` get
     every voxel gathered and fitted on rank 0.
     """
-    from uqsynth.calibration.io import save_calibrator
+    from uqsynth.calibration.io import FORMAT, save_calibrator, saved_format
     config, world = context.config, context.world
     subjects = calibration_subjects(context)
     for arm_name in config.arms:
         out_dir = context.out_dir / arm_name / "calibrators"
         # Rank 0's view of what is saved decides, so every rank takes part in the same collectives.
+        # A file of an older format (fitted without a floor) is fitted again, like a missing one.
         pending = world.broadcast(
-            [s for s in config.calibration.calibrators if not (out_dir / f"{s.name}.safetensors").exists()]
+            [s for s in config.calibration.calibrators if saved_format(out_dir / f"{s.name}.safetensors") != FORMAT]
         )
         if not pending:
             continue
@@ -306,9 +307,13 @@ def stage_calibrate(context: RunContext) -> None:
                 save_calibrator(calibrator, out_dir / f"{name}.safetensors", name=name, arm=arm_name)
         world.barrier()
         note = (f"; {degenerate} of them with a predicted std below {STD_FLOOR:g} (MC samples equal to "
-                f"round-off), which the calibrators give a width of their own" if degenerate else "")
+                f"round-off), fitted with the rest" if degenerate else "")
         context.say(f"arm {arm_name}: fitted {', '.join(calibrators)} on {voxels} voxels of {len(subjects)} "
                     f"{config.calibration.subjects} subject(s) in {time.perf_counter() - started:.1f} s{note}")
+        for name, calibrator in calibrators.items():
+            report = calibrator.fit_report() if world.is_main else {}
+            if report:
+                context.say(f"arm {arm_name}: {name} " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
 
 
 def stage_evaluate(context: RunContext) -> None:

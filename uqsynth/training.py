@@ -284,8 +284,9 @@ class Trainer:
         # average gradients across processes. Everything else uses the networks directly.
         self.train_generator: nn.Module = self._parallel(self.generator)
         self.train_discriminator: nn.Module = self._parallel(self.discriminator)
-        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=train.lr, betas=betas)
-        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=train.lr, betas=betas)
+        fused = {"fused": True} if train.fused_adam else {}  # else torch's default implementation
+        self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=train.lr, betas=betas, **fused)
+        self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=train.lr, betas=betas, **fused)
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         # An exponential moving average of the generator (weights and BatchNorm statistics), updated
         # after every generator step. Adversarial training at a high learning rate makes the weights

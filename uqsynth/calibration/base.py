@@ -4,7 +4,18 @@ A calibrator sees, per voxel, the model's predictive mean and standard
 deviation (the Gaussian of the paper's MC sampling) and, when fitting, the
 truth. It learns a correction and then answers three questions about the
 corrected distribution: its CDF at given values, its quantiles, and central
-intervals at a level.
+intervals at a level. :meth:`Calibrator.calibrate` wraps those answers as a
+:class:`uqsynth.predictive.Predictive` (mean, std, cdf, quantile, interval,
+nll, crps), so a calibrated distribution is used like the model's own
+:class:`~uqsynth.predictive.GaussianPredictive`.
+
+A std of 0 is valid input: a voxel every MC sample agreed on. The
+pipeline fits calibrators on every brain voxel and asks them for every
+brain voxel's interval, so a calibrator must give such voxels a finite,
+positive width. The built-in ones do by working with an effective scale
+``sigma_eff^2 = (s * std)^2 + c^2`` whose floor ``c`` they fit
+(:mod:`uqsynth.calibration._scale`); the contract suite
+(:mod:`uqsynth.testing.calibrator_contract`) checks it of every calibrator.
 
 As in scikit-learn: ``__init__`` only stores keyword-only parameters (so
 ``get_params`` round-trips a TOML table), ``fit`` validates, learns and
@@ -19,26 +30,39 @@ Learned state is plain arrays (:meth:`Calibrator.fitted_state`), so it is
 saved without pickling code.
 
 :func:`check_inputs` and :func:`check_probabilities` are the shared input
-checks (plugins should use them too, so every calibrator refuses NaN, std <= 0
-and mismatched shapes alike). :class:`StreamingCalibrator` is the base of
-calibrators fitted from an additive, bounded summary (``partial_fit``,
-``merge``); calibrators without ``partial_fit`` need all voxels at once.
+checks (plugins should use them too, so every calibrator refuses NaN,
+infinite values, negative std and mismatched shapes alike).
+:class:`StreamingCalibrator` is the base of calibrators fitted from an
+additive, bounded summary (``partial_fit``, ``merge``); calibrators without
+``partial_fit`` need all voxels at once. :meth:`Calibrator.fit_report` gives
+the numbers a run should log about a fit (e.g. the fraction of residuals
+an isotonic map had to clamp).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
+
+if TYPE_CHECKING:
+    from uqsynth.predictive import Predictive
 
 
 class Calibrator(BaseEstimator):
     """Interface of calibrator plugins.
 
     Arrays may have any (matching, or broadcastable) shape; outputs have the
-    broadcast shape. ``std`` must be positive.
+    broadcast shape. ``std`` must be >= 0, and a voxel with std 0 must get
+    a finite interval of positive width (see the module docstring).
+
+    A plugin implements ``fit``, ``cdf`` and ``quantile``; ``interval``,
+    ``calibrate``, ``crps`` and ``moments`` follow from them, ``nll`` is
+    only there for calibrators that override it, and ``fit_report`` is
+    empty unless overridden.
     """
 
     @abstractmethod
@@ -61,6 +85,62 @@ class Calibrator(BaseEstimator):
         if 1.0 - tail == 1.0:  # e.g. the largest float below 1: its upper quantile level rounds to 1
             raise ValueError(f"level {level!r} is too close to 1: the upper tail {tail:.1e} is below float64 resolution")
         return self.quantile(mean, std, tail), self.quantile(mean, std, 1.0 - tail)
+
+    def calibrate(self, predictive: Predictive) -> Predictive:
+        """The calibrated predictive of ``predictive``: a :class:`~uqsynth.predictive.CalibratedPredictive`.
+
+        Its ``cdf``, ``quantile`` and ``interval`` are this calibrator's at
+        ``(predictive.mean, predictive.std)`` (a calibrator sees a predictive
+        through its mean and std, as when it was fitted); ``nll``, ``crps``
+        and the moments are this calibrator's :meth:`nll`, :meth:`crps` and
+        :meth:`moments`. Works for every subclass, plugins included.
+
+        Raises:
+            sklearn.exceptions.NotFittedError: The calibrator is not fitted.
+        """
+        from uqsynth.predictive import CalibratedPredictive
+
+        check_is_fitted(self)
+        return CalibratedPredictive(self, predictive)
+
+    def nll(self, mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Per-voxel negative log density of the calibrated distribution at ``target``.
+
+        Raises:
+            NotImplementedError: By default: a calibrator whose distribution
+                has a density worth scoring overrides this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} gives no density")
+
+    def crps(self, mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Per-voxel CRPS of the calibrated distribution at ``target``.
+
+        By default from :meth:`quantile` by the midpoint rule over 99 levels
+        (:func:`uqsynth.predictive.crps_from_quantiles`, within 0.04 % of the
+        exact value for a Gaussian).
+        """
+        from uqsynth.predictive import crps_from_quantiles
+
+        return crps_from_quantiles(lambda tau: self.quantile(mean, std, tau), target)
+
+    def moments(self, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std of the calibrated distribution per voxel.
+
+        By default from :meth:`quantile` by the midpoint rule
+        (:func:`uqsynth.predictive.moments_from_quantiles`: the std comes out
+        about 2 % small for a Gaussian, from the tails it leaves out).
+        """
+        from uqsynth.predictive import moments_from_quantiles
+
+        return moments_from_quantiles(lambda tau: self.quantile(mean, std, tau))
+
+    def fit_report(self) -> dict[str, float]:
+        """Numbers about the fit a run should log and record (``{}`` unless a calibrator says more).
+
+        For the built-ins: the fitted floor ``c`` (``floor``) and what else
+        each fits; for isotonic, the fraction of residuals it clamped.
+        """
+        return {}
 
     def _validate_params(self) -> None:
         """Refuse parameters breaking the constraints declared on ``__init__`` (scikit-learn's ``_validate_params``).
@@ -99,13 +179,14 @@ def check_inputs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate a predictive Gaussian and the values it is compared with.
 
-    Why: a NaN voxel (say, outside a brain mask) or a zero std (a background
-    voxel every MC sample agrees on) would otherwise turn a fitted
-    calibrator's state into NaN or its outputs into nonsense without a word.
+    Why: a NaN voxel (say, outside a brain mask) or a negative std would
+    otherwise turn a fitted calibrator's state into NaN or its outputs into
+    nonsense without a word. A std of 0 (a voxel every MC sample agrees on)
+    is valid: calibrators must handle it (see the module docstring).
 
     Args:
         mean: Predictive means.
-        std: Predictive standard deviations, all > 0.
+        std: Predictive standard deviations, all >= 0.
         other: The truth (when fitting) or the values to evaluate.
         other_name: What ``other`` is called in error messages.
 
@@ -113,7 +194,7 @@ def check_inputs(
         The three arrays as float64, broadcast to one shape.
 
     Raises:
-        ValueError: Shapes that do not broadcast, non-finite values or std <= 0.
+        ValueError: Shapes that do not broadcast, non-finite values or a negative std.
     """
     arrays = {"mean": mean, "std": std, other_name: other}
     converted = {}
@@ -131,11 +212,8 @@ def check_inputs(
         if not np.isfinite(value).all():
             raise ValueError(f"{name} holds NaN or infinite values; mask those voxels out first")
     std = broadcast[1]
-    if (std <= 0).any():
-        raise ValueError(
-            f"std must be positive, but {int((std <= 0).sum())} value(s) are <= 0; "
-            "mask those voxels out or add a floor"
-        )
+    if (std < 0).any():
+        raise ValueError(f"std must be >= 0, but {int((std < 0).sum())} value(s) are negative")
     return broadcast[0], broadcast[1], broadcast[2]
 
 
@@ -221,6 +299,34 @@ class StreamingCalibrator(Calibrator):
         if int(self.n_) <= 0:
             raise ValueError("the summary holds no voxels")
         self._finalize()
+        return self
+
+    def load_fitted_state(self, state: dict[str, np.ndarray]) -> StreamingCalibrator:
+        """Restore a fit saved by :meth:`fitted_state`: load its summary and refit from it; return ``self``.
+
+        Why refit rather than trust the saved correction: the summary
+        determines the fit, so a file whose summary has the wrong names or
+        shapes (written by another version or with other parameters) is
+        refused here rather than loaded half-stale, and the saved correction
+        must name exactly the attributes this version fits.
+
+        Raises:
+            ValueError: One line: a summary array is missing or has the wrong
+                shape, or the state holds an attribute this version does not fit.
+        """
+        names = set(self._summary_names)
+        missing = sorted(names - set(state))
+        if missing:
+            raise ValueError(f"the state lacks the summary {', '.join(missing)} (saved by another version?)")
+        for name in state:
+            if not name.endswith("_") or name.startswith("_"):
+                raise ValueError(f"{name!r} is not a fitted attribute")
+        self.load_summary({name: state[name] for name in names})
+        fitted = {name for name in vars(self) if name.endswith("_") and not name.startswith("_")}
+        unknown = sorted(set(state) - fitted)
+        if unknown:
+            raise ValueError(f"the state holds {', '.join(unknown)}, which {type(self).__name__} does not fit "
+                             "(saved by another version?)")
         return self
 
     def merge(self, other: StreamingCalibrator) -> StreamingCalibrator:

@@ -8,6 +8,17 @@ restores the arrays, so nothing in the file is ever executed or unpickled,
 and a file from an untrusted run is as safe to open as an image. Like every
 model file, it has a checksum beside it (:mod:`uqsynth.model_files`) and is
 refused if it changed after it was written.
+
+Format versions. ``FORMAT`` names the layout of the fitted state; it
+changes when a built-in calibrator's state changes meaning, and a file of
+another version is refused with one line saying so (refit it), never
+loaded half-stale. ``uqsynth-calibrator-2``: the built-in calibrators fit a
+floor ``c`` of an effective scale ``sqrt((s std)^2 + c^2)`` (so a zero std
+has a width) and their summaries hold histograms by std; a
+``uqsynth-calibrator-1`` file (state of ``r / std`` alone) is refused.
+Within a version a streaming calibrator is refitted from its saved summary
+when loaded (:meth:`StreamingCalibrator.load_fitted_state`), which also
+refuses a summary of the wrong names or shapes.
 """
 
 from __future__ import annotations
@@ -22,7 +33,12 @@ from uqsynth.calibration.base import Calibrator
 from uqsynth.errors import DataError, PluginError, first_line
 from uqsynth.model_files import load_tensors, save_tensors
 
-FORMAT = "uqsynth-calibrator-1"
+FORMAT = "uqsynth-calibrator-2"
+
+#: Earlier formats, refused with a line saying what changed.
+_OLD_FORMATS = {
+    "uqsynth-calibrator-1": "written before calibrators fitted a floor for zero std",
+}
 
 
 def save_calibrator(calibrator: Calibrator, path: str | Path, *, name: str, arm: str) -> None:
@@ -60,6 +76,21 @@ def save_calibrator(calibrator: Calibrator, path: str | Path, *, name: str, arm:
     save_tensors(path, tensors, {"format": FORMAT, "calibrator": name, "arm": arm, "params": params})
 
 
+def saved_format(path: str | Path) -> str | None:
+    """The format a calibrator file was written in (its metadata only; no checksum check), or None if unreadable.
+
+    For a run that resumes: a file of an older format than :data:`FORMAT`
+    is due to be refitted rather than kept (:func:`load_calibrator` refuses it).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            return (handle.metadata() or {}).get("format")
+    except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: no format to speak of
+        return None
+
+
 def load_calibrator(path: str | Path, *, host: Any = None, arm: str | None = None) -> tuple[str, Calibrator]:
     """Read a calibrator written by :func:`save_calibrator`.
 
@@ -76,7 +107,7 @@ def load_calibrator(path: str | Path, *, host: Any = None, arm: str | None = Non
     Raises:
         DataError: One line naming the file: it is missing, holds pickles,
             does not match its checksum, is not a safetensors file, has no
-            uqsynth calibrator metadata, names an unknown calibrator or
+            uqsynth calibrator metadata or an old format, names an unknown calibrator or
             invalid parameters, holds unusable state, or was fitted for
             another arm.
     """
@@ -84,6 +115,12 @@ def load_calibrator(path: str | Path, *, host: Any = None, arm: str | None = Non
     state, metadata = load_tensors(path, what="calibrator file", framework="np")
 
     missing = [key for key in ("calibrator", "arm", "params") if key not in metadata]
+    if metadata.get("format") in _OLD_FORMATS:
+        raise DataError(
+            f"calibrator file {path} has the old format {metadata['format']!r} "
+            f"({_OLD_FORMATS[metadata['format']]}); this uqsynth reads {FORMAT!r}: delete it and rerun "
+            "`uqsynth run` with the same --out to refit it"
+        )
     if metadata.get("format") != FORMAT or missing:
         raise DataError(
             f"calibrator file {path} has no uqsynth calibrator metadata "

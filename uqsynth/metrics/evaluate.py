@@ -177,14 +177,15 @@ def _evaluate(
         "ause": sparsity["ause"],
         "ause_normalized": sparsity["ause_normalized"],
     }
-    # Probabilistic scores see std >= std_floor: calibrators refuse std 0, and
-    # a voxel every MC sample agreed on would otherwise have no distribution.
-    # The Gaussian NLL alone sees the raw std: it leaves such point masses out and counts them.
+    # Calibrators see the raw std: they fit a floor of their own, so a voxel every MC sample
+    # agreed on gets their width. The uncalibrated Gaussian's scores see std >= std_floor (a
+    # point mass has no distribution to score), but for its NLL, which leaves such voxels out and counts them.
     s_floored = np.maximum(s, settings.std_floor)
     groups = settings.accumulators()
     for name, group in groups.items():
         for key, accumulator in group.items():
-            accumulator.update(t, m, s if (name, key) == ("gaussian", "nll") else s_floored)
+            raw = name != "gaussian" or key == "nll"
+            accumulator.update(t, m, s if raw else s_floored)
     result["gaussian"] = _summary(groups["gaussian"], curve=False)
     result["calibrators"] = {name: _summary(groups[name], curve=False) for name in settings.names}
     region_groups = None
@@ -194,8 +195,8 @@ def _evaluate(
             raise ValueError(f"regions has shape {labels.shape}, expected {np.shape(truth)} like truth")
         labels = labels[np.asarray(mask, dtype=bool)]
         region_groups = settings.region_accumulators()
-        for accumulator in region_groups.values():
-            accumulator.update(t, m, s_floored, labels, dict(region_names or {}))
+        for name, accumulator in region_groups.items():
+            accumulator.update(t, m, s_floored if name == "gaussian" else s, labels, dict(region_names or {}))
         result["regions"] = _region_summary(region_groups, settings.names)
     return result, groups, region_groups
 

@@ -54,10 +54,11 @@ already within 0.15 % of the exact Gaussian CRPS (99: 0.04 %; 19: 0.4 %).
 STD_FLOOR = 1e-6
 """Predictive std (normalized [0, 1] scale) below which a voxel has no resolved spread.
 
-Its T Monte Carlo samples agree to float32 round-off. The probabilistic
-scores floor the std here (the Gaussian NLL leaves such voxels out and
-counts them), and the calibrate stage leaves them out of the fit: an error divided by a round-off std is meaningless, and a dozen of
-them can dominate a Gaussian fit over a million voxels.
+Its T Monte Carlo samples agree to float32 round-off. The uncalibrated
+Gaussian's probabilistic scores floor the std here (its NLL leaves such
+voxels out and counts them): an error divided by a round-off std is
+meaningless. Calibrators fit and score them: they fit a floor of their own
+(:mod:`uqsynth.calibration`).
 """
 
 

@@ -1,6 +1,7 @@
 """Contract checks a plugin author runs against their own plugins (needs pytest)."""
 
 from uqsynth.testing.calibrator_contract import CALIBRATOR_CHECKS, check_calibrator
+from uqsynth.testing.calibrator_contract import QUALITY_CHECKS as CALIBRATOR_QUALITY_CHECKS
 from uqsynth.testing.calibrator_contract import parametrize_with_checks as parametrize_calibrator_checks
 from uqsynth.testing.layer_contract import LAYER_CHECKS, check_stochastic_layer
 from uqsynth.testing.layer_contract import parametrize_with_checks as parametrize_layer_checks
@@ -9,6 +10,7 @@ from uqsynth.testing.likelihood_contract import parametrize_with_checks as param
 
 __all__ = [
     "CALIBRATOR_CHECKS",
+    "CALIBRATOR_QUALITY_CHECKS",
     "LAYER_CHECKS",
     "LIKELIHOOD_CHECKS",
     "check_calibrator",

@@ -23,6 +23,20 @@ Each check takes a *factory* (a zero-argument callable returning a fresh,
 unfitted calibrator), so no check sees state left by another. The data are
 synthetic, drawn from seeded local generators, so the checks are
 deterministic and leave global random state alone.
+
+Zero std. The pipeline fits calibrators on every brain voxel and asks them
+for every brain voxel's interval, including voxels whose MC samples all
+agree (std 0, or round-off such as 1e-9). :func:`check_fit_with_zero_std`
+and :func:`check_zero_std_outputs` require a finite interval of positive
+width for them; a calibrator that refuses them, or divides by their std,
+fails with a line saying which call did what and how the built-ins avoid
+it (an effective scale ``sqrt((s * std)^2 + c^2)`` with a fitted floor ``c``).
+
+Quality. :data:`QUALITY_CHECKS` (not part of :data:`CALIBRATOR_CHECKS`) are
+bars the built-in calibrators meet and a plugin may claim:
+``check_calibrator(factory, quality=True)``. Today: the 90 % interval covers
+heavy-tailed (Student t, 3 degrees of freedom) data with zero-std voxels
+within 0.02 of 90 %.
 """
 
 from __future__ import annotations
@@ -69,6 +83,54 @@ def _data(shape: tuple[int, ...] = (FIT_VOXELS,), seed: int = 0) -> tuple[np.nda
     std = rng.uniform(1.0, 10.0, shape)
     target = mean + 0.3 * std + 1.5 * std * rng.standard_normal(shape)
     return mean, std, target
+
+
+#: Share of voxels with std exactly 0, and with round-off std (``ROUND_OFF_STD``), in the zero-std checks.
+ZERO_STD_SHARE = 0.05
+
+#: A std that is MC round-off: every sample agreed to float32 precision.
+ROUND_OFF_STD = 1e-9
+
+
+def _data_with_zero_std(
+    shape: tuple[int, ...] = (FIT_VOXELS,), seed: int = 0, noise: str = "normal"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_data` where a share of the voxels have std 0 and as many a round-off std.
+
+    Their truth lies about the mean like that of the most confident
+    resolved voxels (std 1.5 on this data's [0, 255]-like scale): what a
+    voxel the model is sure of does, and what a fitted floor should find.
+    """
+    rng = np.random.default_rng(seed + 100)
+    mean = rng.uniform(20.0, 230.0, shape)
+    std = rng.uniform(1.0, 10.0, shape)
+    eps = rng.standard_normal(shape) if noise == "normal" else rng.standard_t(3, shape)
+    target = mean + 0.3 * std + 1.5 * std * eps
+    kind = rng.random(shape)
+    zero, round_off = kind < ZERO_STD_SHARE, (kind >= ZERO_STD_SHARE) & (kind < 2 * ZERO_STD_SHARE)
+    unresolved = zero | round_off
+    target = np.where(unresolved, mean + 1.5 * eps, target)
+    std = np.where(zero, 0.0, np.where(round_off, ROUND_OFF_STD, std))
+    return mean, std, target
+
+
+_ZERO_STD_HINT = (
+    "the pipeline fits and queries every brain voxel, including those whose MC samples all agree "
+    "(std 0 or round-off): give them a positive width, e.g. with an effective scale "
+    "sqrt((s * std)^2 + c^2) whose floor c is fitted"
+)
+
+
+def _call_with_zero_std(what: str, call: Callable[[], object]) -> object:
+    """``call()``, or an ``AssertionError`` naming ``what`` and the error when it raises."""
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return call()
+    except AssertionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any error is the finding, reported in one line
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise AssertionError(f"{what} raised {type(error).__name__}: {message}; {_ZERO_STD_HINT}") from None
 
 
 def _probe(voxels: int = 40, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -283,16 +345,17 @@ def check_save_load_round_trip(factory: CalibratorFactory) -> None:
 
 
 def check_fit_rejects_invalid_inputs(factory: CalibratorFactory) -> None:
-    """``fit`` raises ``ValueError`` for std <= 0, NaN anywhere, or shapes that do not match.
+    """``fit`` raises ``ValueError`` for a negative std, NaN anywhere, or shapes that do not match.
 
-    Why: a voxel outside the brain mask (NaN) or a background voxel every MC
-    sample agrees on (std 0) would otherwise turn the fitted state into NaN
-    or infinity without a word, and every calibrated output with it.
+    Why: a voxel outside the brain mask (NaN) or a corrupted std map would
+    otherwise turn the fitted state into NaN or infinity without a word, and
+    every calibrated output with it. (A std of 0 is valid input:
+    :func:`check_fit_with_zero_std`.)
     """
     mean, std, target = _data((50,))
     cases = {
-        "a zero std": (mean, np.where(np.arange(50) == 3, 0.0, std), target),
-        "a negative std": (mean, -std, target),
+        "a negative std": (mean, np.where(np.arange(50) == 3, -1.0, std), target),
+        "an infinite std": (mean, np.where(np.arange(50) == 3, np.inf, std), target),
         "a NaN std": (mean, np.where(np.arange(50) == 3, np.nan, std), target),
         "a NaN target": (mean, std, np.where(np.arange(50) == 3, np.nan, target)),
         "a NaN mean": (np.where(np.arange(50) == 3, np.nan, mean), std, target),
@@ -305,30 +368,156 @@ def check_fit_rejects_invalid_inputs(factory: CalibratorFactory) -> None:
 
 
 def check_predict_rejects_invalid_inputs(factory: CalibratorFactory) -> None:
-    """``cdf``/``quantile``/``interval`` raise ``ValueError`` for std <= 0, NaN, bad shapes or q outside (0, 1).
+    """``cdf``/``quantile``/``interval`` raise ``ValueError`` for a negative std, NaN, bad shapes or q outside (0, 1).
 
-    Why: the same masked or degenerate voxels reach the calibrated outputs;
+    Why: the same masked or corrupted voxels reach the calibrated outputs;
     an error is noticed, a NaN in a metric average is not.
     """
     calibrator = _fitted(factory)
     mean, std = _probe(10)
-    zero_std = np.where(np.arange(10) == 3, 0.0, std)
+    negative_std = np.where(np.arange(10) == 3, -1.0, std)
     nan_mean = np.where(np.arange(10) == 3, np.nan, mean)
     cases = {
-        "cdf with a zero std": lambda: calibrator.cdf(mean, zero_std, mean),
+        "cdf with a negative std": lambda: calibrator.cdf(mean, negative_std, mean),
         "cdf with a NaN mean": lambda: calibrator.cdf(nan_mean, std, mean),
         "cdf with mismatched shapes": lambda: calibrator.cdf(mean, std, mean[:4]),
-        "quantile with a zero std": lambda: calibrator.quantile(mean, zero_std, 0.9),
         "quantile with a negative std": lambda: calibrator.quantile(mean, -std, 0.9),
         "quantile with q = 1.5": lambda: calibrator.quantile(mean, std, 1.5),
         "quantile with q = NaN": lambda: calibrator.quantile(mean, std, np.nan),
-        "interval with a zero std": lambda: calibrator.interval(mean, zero_std, 0.9),
+        "interval with a negative std": lambda: calibrator.interval(mean, negative_std, 0.9),
         "interval at level 1.2": lambda: calibrator.interval(mean, std, 1.2),
     }
     for what, call in cases.items():
         with pytest.raises(ValueError):
             call()
             raise AssertionError(f"{what} must raise ValueError")
+
+
+def _assert_usable_for_zero_std(calibrator: Calibrator, fitted_on: str) -> None:
+    """Outputs for voxels with std 0 and round-off std: finite intervals of positive width, a proper CDF."""
+    mean, _ = _probe(6)
+    for label, std_value in (("std 0", 0.0), (f"std {ROUND_OFF_STD:g}", ROUND_OFF_STD)):
+        std = np.full(mean.shape, std_value)
+        previous = None
+        for level in LEVELS:
+            bounds = _call_with_zero_std(
+                f"interval(mean, std, {level}) for voxels with {label} (fitted on {fitted_on})",
+                lambda: calibrator.interval(mean, std, level),
+            )
+            lower, upper = (np.asarray(b, dtype=np.float64) for b in bounds)
+            assert np.isfinite(lower).all() and np.isfinite(upper).all(), (
+                f"the {level:.0%} interval of voxels with {label} is not finite (fitted on {fitted_on}): "
+                f"[{lower.flat[0]:.6g}, {upper.flat[0]:.6g}]; {_ZERO_STD_HINT}"
+            )
+            assert (lower < upper).all(), (
+                f"the {level:.0%} interval of voxels with {label} has zero width (fitted on {fitted_on}): "
+                f"lower = upper = {lower.flat[0]:.6g}; {_ZERO_STD_HINT}"
+            )
+            if previous is not None:
+                assert (lower <= previous[0]).all() and (upper >= previous[1]).all(), (
+                    f"for voxels with {label} the {level:.0%} interval does not contain the narrower one"
+                )
+            previous = (lower, upper)
+        q = QUANTILE_GRID[::7]
+        quantiles = np.asarray(_call_with_zero_std(
+            f"quantile(mean, std, q) for voxels with {label} (fitted on {fitted_on})",
+            lambda: calibrator.quantile(mean[None, :], std[None, :], q[:, None]),
+        ), dtype=np.float64)
+        assert np.isfinite(quantiles).all(), f"quantiles of voxels with {label} are not finite; {_ZERO_STD_HINT}"
+        assert (np.diff(quantiles, axis=0) >= 0).all(), f"quantiles of voxels with {label} decrease as q grows"
+        values = quantiles[[0, -1]]
+        cdf = np.asarray(_call_with_zero_std(
+            f"cdf(mean, std, values) for voxels with {label} (fitted on {fitted_on})",
+            lambda: calibrator.cdf(mean[None, :], std[None, :], values),
+        ), dtype=np.float64)
+        assert np.isfinite(cdf).all() and (cdf >= 0).all() and (cdf <= 1).all(), (
+            f"the cdf of voxels with {label} is not a probability (found {cdf.flat[0]!r}); {_ZERO_STD_HINT}"
+        )
+        assert (cdf[1] >= cdf[0]).all(), f"the cdf of voxels with {label} decreases as the value grows"
+
+
+def check_fit_with_zero_std(factory: CalibratorFactory) -> None:
+    """``fit`` accepts voxels with std 0 and round-off std among the others, and its outputs stay usable.
+
+    Why: those are brain voxels like any other; a calibrator that refuses
+    them makes the pipeline leave them out of the fit (and out of the
+    calibrated intervals), and one that divides by their std gets infinite
+    standardized residuals, which wreck any fit on standardized residuals.
+    """
+    mean, std, target = _data_with_zero_std()
+    calibrator = factory()
+    _call_with_zero_std(
+        f"fit on voxels of which {ZERO_STD_SHARE:.0%} have std 0 and {ZERO_STD_SHARE:.0%} std {ROUND_OFF_STD:g}",
+        lambda: calibrator.fit(mean, std, target),
+    )
+    probe_mean, probe_std = _probe()
+    lower, upper = (np.asarray(b, dtype=np.float64) for b in calibrator.interval(probe_mean, probe_std, 0.9))
+    bad = ~(np.isfinite(lower) & np.isfinite(upper) & (lower < upper))
+    assert not bad.any(), (
+        "after a fit with zero-std voxels, the 90 % interval of ordinary voxels is not finite with lower < upper "
+        f"(found [{lower[bad][0]:.6g}, {upper[bad][0]:.6g}]): the fit divided by a zero std? {_ZERO_STD_HINT}"
+    )
+    _assert_usable_for_zero_std(calibrator, "voxels with zero std")
+
+
+def check_zero_std_outputs(factory: CalibratorFactory) -> None:
+    """A calibrator fitted on voxels that all have a std gives voxels with std 0 a finite interval of positive width.
+
+    Why: a test voxel may have std 0 even when no calibration voxel had;
+    a zero-width interval there claims certainty the model never earned.
+    """
+    _assert_usable_for_zero_std(_fitted(factory), "voxels that all have a std")
+
+
+def check_heavy_tailed_coverage(factory: CalibratorFactory) -> None:
+    """The 90 % interval covers 90 % (within 0.02) of fresh heavy-tailed data with zero-std voxels.
+
+    Why: MC-dropout errors are heavier-tailed than a Gaussian and some
+    voxels have no std; the interval the report shows must still hold what
+    it says. The data: a bias of 0.3 std, Student t (3 degrees of freedom)
+    errors 1.5 times the std, 5 % of voxels with std 0 and 5 % with a
+    round-off std, 20000 voxels to fit and 20000 fresh ones to test
+    (sampling error of the coverage 0.002).
+    """
+    calibrator = _call_with_zero_std(
+        "fit on heavy-tailed data with zero-std voxels",
+        lambda: factory().fit(*_data_with_zero_std((20000,), seed=3, noise="t3")),
+    )
+    mean, std, target = _data_with_zero_std((20000,), seed=4, noise="t3")
+    lower, upper = calibrator.interval(mean, std, 0.9)
+    inside = (target >= lower) & (target <= upper)
+    picp, zero = float(np.mean(inside)), float(np.mean(inside[std == 0]))
+    assert abs(picp - 0.9) <= 0.02, (
+        f"the 90 % interval holds {picp:.3f} of fresh heavy-tailed voxels (those with std 0: {zero:.3f})"
+    )
+
+
+def check_calibrate_gives_its_predictive(factory: CalibratorFactory) -> None:
+    """``calibrate(GaussianPredictive(mean, std))`` answers with the calibrator's cdf, quantile and interval.
+
+    Why: metrics and maps use a calibrated predictive through the
+    :class:`~uqsynth.predictive.Predictive` interface; it must be the same
+    distribution the calibrator's own methods describe, with a CRPS and
+    moments of the voxels' shape.
+    """
+    from uqsynth.predictive import GaussianPredictive, Predictive
+
+    calibrator = _fitted(factory)
+    mean, std = _probe()
+    predictive = calibrator.calibrate(GaussianPredictive(mean, std))
+    assert isinstance(predictive, Predictive), f"calibrate returned a {type(predictive).__name__}, not a Predictive"
+    for name, ours, theirs in (
+        ("cdf", predictive.cdf(mean + std), calibrator.cdf(mean, std, mean + std)),
+        ("quantile", predictive.quantile(0.9), calibrator.quantile(mean, std, 0.9)),
+        ("interval lower", predictive.interval(0.9)[0], calibrator.interval(mean, std, 0.9)[0]),
+        ("interval upper", predictive.interval(0.9)[1], calibrator.interval(mean, std, 0.9)[1]),
+    ):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), f"the calibrated predictive's {name} differs"
+    crps = np.asarray(predictive.crps(mean + std))
+    assert crps.shape == mean.shape and np.isfinite(crps).all() and (crps >= 0).all(), "crps must be finite, >= 0"
+    for name in ("mean", "std"):
+        value = np.asarray(getattr(predictive, name))
+        assert value.shape == mean.shape and not np.isnan(value).any(), f"the calibrated predictive's {name}"
 
 
 def check_partial_fit_matches_fit(factory: CalibratorFactory) -> None:
@@ -411,23 +600,30 @@ CALIBRATOR_CHECKS: tuple[CalibratorCheck, ...] = (
     check_predict_rejects_invalid_inputs,
     check_partial_fit_matches_fit,
     check_declared_constraints,
+    check_calibrate_gives_its_predictive,
+    check_fit_with_zero_std,
+    check_zero_std_outputs,
 )
 
+#: Quality bars the built-in calibrators meet (see the module docstring); not in :data:`CALIBRATOR_CHECKS`.
+QUALITY_CHECKS: tuple[CalibratorCheck, ...] = (check_heavy_tailed_coverage,)
 
-def check_calibrator(factory: CalibratorFactory) -> None:
+
+def check_calibrator(factory: CalibratorFactory, *, quality: bool = False) -> None:
     """Run every check of :data:`CALIBRATOR_CHECKS` on the calibrators built by ``factory``.
 
     Args:
         factory: Zero-argument callable returning a fresh, unfitted calibrator,
             e.g. ``lambda: IsotonicCalibrator(bins=1000)``.
+        quality: Also run :data:`QUALITY_CHECKS`.
 
     Raises:
         AssertionError: At the first failed check, naming the check and the calibrator.
     """
-    run_checks(CALIBRATOR_CHECKS, factory, _name(factory))
+    run_checks(CALIBRATOR_CHECKS + (QUALITY_CHECKS if quality else ()), factory, _name(factory))
 
 
-def parametrize_with_checks(factories: Sequence[CalibratorFactory]) -> pytest.MarkDecorator:
+def parametrize_with_checks(factories: Sequence[CalibratorFactory], *, quality: bool = False) -> pytest.MarkDecorator:
     """A pytest parametrization over every (factory, check) pair, one test item each.
 
     The decorated test takes the arguments ``factory`` and ``check`` and calls
@@ -435,8 +631,9 @@ def parametrize_with_checks(factories: Sequence[CalibratorFactory]) -> pytest.Ma
 
     Args:
         factories: Zero-argument callables each returning a fresh calibrator.
+        quality: Also parametrize over :data:`QUALITY_CHECKS`.
 
     Returns:
         A ``pytest.mark.parametrize`` decorator.
     """
-    return parametrize(CALIBRATOR_CHECKS, factories, _name)
+    return parametrize(CALIBRATOR_CHECKS + (QUALITY_CHECKS if quality else ()), factories, _name)
