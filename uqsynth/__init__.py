@@ -4,7 +4,7 @@ Plugins implement the hooks in :mod:`uqsynth.hookspecs` and mark them with
 :data:`hookimpl`; stochastic layers sample only inside :func:`sampling`.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from uqsynth.hookspecs import hookimpl
 from uqsynth.layers.base import StochasticLayer, sampling
