@@ -38,7 +38,8 @@ from uqsynth.errors import DataError
 from uqsynth.metrics import CohortEvaluator, paired_ttest
 from uqsynth.metrics._voxels import level_key
 
-INTERVAL_LEVELS = (0.5, 0.9, 0.95)
+#: Central interval levels scored in metrics.json (PICP and width at each).
+INTERVAL_LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 #: Optional per-subject std components a run may write next to ``<id>_std.nii.gz`` (the total).
 STD_COMPONENTS = ("std_epistemic", "std_aleatoric")
