@@ -213,3 +213,19 @@ def test_eval_volume_without_target_for_prediction():
     assert evaluation.to_native(torch.zeros(16, 16, 16)).shape == (20, 24, 16)
     with pytest.raises(ValueError, match="no target"):
         evaluation.to_native(torch.zeros(16, 16, 16), rescale=True)
+
+
+def test_axial_subsample_keeps_every_kth_axial_slice_whatever_the_orientation():
+    """Calibration's slice stride: the thinner subject's slices are exactly the chosen slices of the full one."""
+    from uqsynth.data.phantom import make_phantom
+    from uqsynth.data.slices import axial_subsample
+
+    loaded = make_phantom(0, shape=(24, 28, 20), seed=2).volumes
+    for affine in (np.diag([2.0, 2.0, 3.0, 1.0]), np.array([[0, 0, 3.0, 0], [2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])):
+        volumes = SubjectVolumes("s", loaded.source, loaded.target, loaded.mask, affine)
+        full = to_axial_slices(volumes.source, affine)
+        thin = axial_subsample(volumes, 3)
+        assert np.array_equal(to_axial_slices(thin.source, thin.affine), full[::3])
+        assert np.array_equal(to_axial_slices(thin.mask, thin.affine), to_axial_slices(volumes.mask, affine)[::3])
+        assert axial_axis(thin.affine) == axial_axis(affine)
+    assert axial_subsample(volumes, 1) is volumes

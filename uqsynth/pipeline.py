@@ -36,7 +36,7 @@ from uqsynth._files import RECORD, atomic_write_text, recording
 from uqsynth.calibration.base import StreamingCalibrator
 from uqsynth.config import Config, PluginSpec, dumps_config, load_config
 from uqsynth.data.base import Dataset, RecordingDataset
-from uqsynth.data.slices import EvalVolume, TrainSlices
+from uqsynth.data.slices import EvalVolume, TrainSlices, axial_subsample
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.devices import resolve_device
 from uqsynth.distributed import SINGLE, World, all_reduce_calibrator, close_world, init_world
@@ -278,8 +278,8 @@ def stage_calibrate(context: RunContext) -> None:
             name: [] for name, calibrator in calibrators.items() if not isinstance(calibrator, StreamingCalibrator)
         }
         for subject_id in world.shard(subjects):
-            evaluation = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size,
-                                    load_size=config.data.load_size)
+            volumes = axial_subsample(context.dataset.load(subject_id), config.calibration.slice_stride)
+            evaluation = EvalVolume(volumes, image_size=config.data.image_size, load_size=config.data.load_size)
             maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
             # Every brain voxel, a round-off std too: the calibrators give it a width of their own.
             brain = evaluation.native_mask()
@@ -308,8 +308,10 @@ def stage_calibrate(context: RunContext) -> None:
         world.barrier()
         note = (f"; {degenerate} of them with a predicted std below {STD_FLOOR:g} (MC samples equal to "
                 f"round-off), fitted with the rest" if degenerate else "")
+        stride = config.calibration.slice_stride
+        slices = f" (one axial slice in {stride})" if stride > 1 else ""
         context.say(f"arm {arm_name}: fitted {', '.join(calibrators)} on {voxels} voxels of {len(subjects)} "
-                    f"{config.calibration.subjects} subject(s) in {time.perf_counter() - started:.1f} s{note}")
+                    f"{config.calibration.subjects} subject(s){slices} in {time.perf_counter() - started:.1f} s{note}")
         for name, calibrator in calibrators.items():
             report = calibrator.fit_report() if world.is_main else {}
             if report:

@@ -39,6 +39,7 @@ Network tensors are in [-1, 1] (the generator ends in Tanh);
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,31 @@ def axial_axis(affine: np.ndarray) -> int:
             their nearest axis, as :func:`nibabel.orientations.io_orientation` does.
     """
     return int(np.flatnonzero(_orientation(affine)[:, 0] == 2)[0])
+
+
+def axial_subsample(volumes: SubjectVolumes, stride: int) -> SubjectVolumes:
+    """Every ``stride``-th axial slice of a subject, as a thinner subject (the affine's axial step ``stride`` times longer).
+
+    Why: the networks see one axial slice at a time and every slice is
+    normalized on its own, so a slice's prediction does not depend on its
+    neighbours; a calibrator fitted on a stride of slices sees the same
+    kind of voxels at ``1 / stride`` of the sampling cost, and can be given
+    more subjects for it (coverage varies more between subjects than
+    between the slices of one).
+    """
+    if stride == 1:
+        return volumes
+    axis = axial_axis(volumes.affine)
+    pick = [slice(None)] * volumes.source.ndim
+    pick[axis] = slice(None, None, stride)
+    pick = tuple(pick)
+    affine = np.array(volumes.affine, dtype=np.float64, copy=True)
+    affine[:3, axis] *= stride
+    thin = lambda array: None if array is None else np.ascontiguousarray(array[pick])  # noqa: E731
+    return dataclasses.replace(
+        volumes, source=thin(volumes.source), target=thin(volumes.target), mask=thin(volumes.mask),
+        regions=thin(volumes.regions), affine=affine, header=None,
+    )
 
 
 def to_axial_slices(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
