@@ -143,3 +143,16 @@ def test_figure_titles_do_not_overlap_the_panel_titles(finished, monkeypatch):
     assert len(titled) == 4
     for name, (title, panels) in titled.items():
         assert panels and not any(title.overlaps(panel) for panel in panels), name
+
+
+def test_the_report_says_which_subjects_and_slices_the_calibrators_saw():
+    from uqsynth.evaluation import calibration_record
+    from uqsynth.report import calibration_text
+
+    held_out = calibration_record("held_out", ["a", "b", "c"], slice_stride=2)
+    assert held_out["slice_stride"] == 2 and held_out["count"] == 3
+    assert calibration_text({"calibration": held_out}) == (
+        'Calibrators were fitted on 3 held-out calibration subject(s), a split apart from training and test '
+        '(calibration.subjects = "held_out"), one axial slice in 2.'
+    )
+    assert calibration_text({"calibration": calibration_record("train", ["a"])}).endswith('= "train").')

@@ -262,15 +262,16 @@ def arm_summary(evaluation: ArmEvaluation) -> dict:
     return summary
 
 
-def calibration_record(subjects: str, subject_ids: list[str]) -> dict:
-    """``metrics.json``'s ``calibration``: which subjects the calibrators were fitted on, and how many.
+def calibration_record(subjects: str, subject_ids: list[str], slice_stride: int = 1) -> dict:
+    """``metrics.json``'s ``calibration``: which subjects the calibrators were fitted on, how many, which slices.
 
     Args:
         subjects: ``config.calibration.subjects``: ``"train"`` (the paper: the
             training subjects) or ``"held_out"`` (a separate calibration split).
         subject_ids: The subjects used (``split.json``'s ``calibration`` role).
+        slice_stride: ``config.calibration.slice_stride``: one axial slice in this many.
     """
-    return {"subjects": subjects, "count": len(subject_ids), "ids": list(subject_ids)}
+    return {"subjects": subjects, "count": len(subject_ids), "ids": list(subject_ids), "slice_stride": slice_stride}
 
 
 def metrics_document(

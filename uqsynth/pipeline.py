@@ -283,6 +283,8 @@ def stage_calibrate(context: RunContext) -> None:
             maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
             # Every brain voxel, a round-off std too: the calibrators give it a width of their own.
             brain = evaluation.native_mask()
+            if not brain.any():
+                continue
             degenerate += int((maps["std"][brain] < STD_FLOOR).sum())
             truth = evaluation.normalized_target()
             batch = (maps["mean"][brain], maps["std"][brain], truth[brain])
@@ -350,7 +352,8 @@ def stage_evaluate(context: RunContext) -> None:
     baseline = {k: v for part in baseline_parts for k, v in part.items()}
     baseline = {subject_id: baseline[subject_id] for subject_id in context.split.test}
     timing = {**context.timing, "evaluate": time.perf_counter() - started}
-    calibration = calibration_record(context.config.calibration.subjects, calibration_subjects(context))
+    table = context.config.calibration
+    calibration = calibration_record(table.subjects, calibration_subjects(context), table.slice_stride)
     context.metrics = metrics_document(context.evaluations, timing, baseline, context.input_warnings, calibration)
     write_metrics(context.out_dir, context.metrics, metrics_rows(context.evaluations))
     linear = context.metrics["baselines"]["linear_map"]["rmse_mean"]

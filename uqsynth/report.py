@@ -242,7 +242,9 @@ def calibration_text(document: dict) -> str:
                  "(calibration.subjects = \"held_out\")")
     else:
         which = f"{count} subject(s) (calibration.subjects = {record.get('subjects')!r})"
-    return f"Calibrators were fitted on {which}."
+    stride = record.get("slice_stride", 1)
+    slices = f", one axial slice in {stride}" if stride > 1 else ""
+    return f"Calibrators were fitted on {which}{slices}."
 
 
 def spread_table(arms: dict) -> str:
