@@ -223,8 +223,9 @@ class TrainConfig:
     fused_adam: bool = field(
         default=False,
         metadata={"doc": "Adam's fused kernel (torch's fused=True): the same update in one pass over the weights, "
-                         "faster (on a 2-core CPU a phantom step took 0.071 s instead of 0.094) but rounded "
-                         "differently, so the weights differ from the default's in the last bits."},
+                         "faster (on a 2-core CPU a phantom step took 0.052 s instead of 0.063) but rounded "
+                         "differently, and Adam's first steps amplify round-off: the run follows another "
+                         "trajectory of the same training (benchmarks/test_training_step.py)."},
     )
     lambda_l1: Annotated[float, Interval(0.0, None)] = field(
         default=100.0, metadata={"doc": "Weight of L1(fake, real)."}
