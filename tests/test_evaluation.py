@@ -119,7 +119,7 @@ def test_metrics_json_gives_picp_and_width_per_region_before_and_after_calibrati
         brain = sum(LabelledDataset().load(s).mask.sum() for s in IDS)
         assert regions["healthy brain"]["voxels"] + regions["lesion"]["voxels"] == brain
         assert written["arms"][arm]["brain_voxels"] == brain
-    assert written["calibration"] == {"subjects": "held_out", "count": 2, "ids": ["c1", "c2"]}
+    assert written["calibration"] == {"subjects": "held_out", "count": 2, "ids": ["c1", "c2"], "slice_stride": 1}
 
 
 def test_brain_voxels_with_zero_std_are_counted_and_the_nll_stays_finite(config, run):
