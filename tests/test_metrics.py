@@ -608,3 +608,20 @@ def test_cohort_streaming_equals_pooled_voxels():
 
 def test_default_grid_is_the_papers_even_grid():
     np.testing.assert_allclose(DEFAULT_LEVELS, np.linspace(0.05, 0.95, 19))
+
+
+def test_absolute_levels_tell_a_std_that_tracks_the_error_where_the_papers_relative_nrmse_does_not():
+    """Brighter slices err more, and their std says so; their *relative* error is smaller all the same."""
+    rng = np.random.default_rng(0)
+    shape = (6, 12, 12)
+    brightness = np.linspace(0.2, 1.0, shape[0])[:, None, None] * np.ones(shape)
+    error_scale = 0.05 * np.sqrt(brightness)  # grows with the signal, slower than it
+    truth = brightness
+    mean = truth + error_scale * rng.standard_normal(shape)
+    std = error_scale
+    mask = np.ones(shape, dtype=bool)
+    cohort = CohortEvaluator(axis=0)
+    cohort.add("s", truth, mean, std, mask)
+    levels = cohort.result()["levels"]
+    assert levels["slice_absolute"]["spearman"] > 0.8  # RMSE rises with nSTD
+    assert levels["slice"]["spearman"] < -0.8  # nRMSE = RMSE / ||truth|| falls as the std rises

@@ -441,6 +441,7 @@ class CohortEvaluator:
 
         slice_nrmse = [v for i in ids for v in subjects[i]["slices"]["nrmse"]]
         slice_nstd = [v for i in ids for v in subjects[i]["slices"]["nstd"]]
+        slice_rmse = [v for i in ids for v in subjects[i]["slices"]["rmse"]]
         volume_nrmse = {i: subjects[i]["nrmse"] for i in ids}
         volume_nstd = {i: subjects[i]["nstd"] for i in ids}
         voxels = sum(subjects[i]["n_voxels"] for i in ids)
@@ -457,6 +458,11 @@ class CohortEvaluator:
                 },
                 "slice": correlation(slice_nrmse, slice_nstd),
                 "volume": correlation(list(volume_nrmse.values()), list(volume_nstd.values())),
+                # The paper's nRMSE is relative (error / truth norm), its nSTD absolute: a slice of
+                # bright tissue has more std and a smaller relative error. The same correlations of
+                # the absolute RMSE with nSTD (both on [0, 255]) say whether the std tracks the error.
+                "slice_absolute": correlation(slice_rmse, slice_nstd),
+                "volume_absolute": correlation([subjects[i]["rmse"] for i in ids], list(volume_nstd.values())),
             },
             "triage": triage(volume_nstd, volume_nrmse) if len(ids) >= 2 else None,
             "gaussian": _summary(self.accumulators_["gaussian"], curve=True),

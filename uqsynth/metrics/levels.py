@@ -54,20 +54,23 @@ def slice_level(
     """Per-slice nRMSE and nSTD, for each slice along ``axis`` that holds brain.
 
     Returns:
-        ``{"index": [...], "nrmse": [...], "nstd": [...]}``: the slice
-        indices along ``axis`` (slices without brain are left out, as they
-        have no nRMSE) and the two values per slice, as plain lists.
+        ``{"index": [...], "nrmse": [...], "nstd": [...], "rmse": [...]}``:
+        the slice indices along ``axis`` (slices without brain are left out,
+        as they have no nRMSE) and the values per slice, as plain lists
+        (``rmse`` on the ``[0, scale]`` scale, as ``nstd``).
     """
     mask = np.asarray(mask)
     masked_voxels(mask, truth, mean, std, names=("truth", "mean", "std"))  # validates
     volumes = [np.moveaxis(np.asarray(value), axis, 0) for value in (truth, mean, std, mask)]
-    result: dict[str, list] = {"index": [], "nrmse": [], "nstd": []}
+    result: dict[str, list] = {"index": [], "nrmse": [], "nstd": [], "rmse": []}
     for k in range(volumes[0].shape[0]):  # slice by slice: memory of one slice, not of the volume
         inside = volumes[3][k].astype(bool)
         if inside.any():
             result["index"].append(k)
             result["nrmse"].append(nrmse(volumes[0][k], volumes[1][k], inside))
             result["nstd"].append(nstd(volumes[2][k], inside, scale=scale))
+            error = volumes[1][k][inside] - volumes[0][k][inside]
+            result["rmse"].append(float(np.sqrt(np.mean(np.square(error, dtype=np.float64))) * scale))
     return result
 
 
