@@ -88,7 +88,11 @@ class Likelihood(ABC):
 
     @abstractmethod
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The mean negative log likelihood of ``target`` ``(N, 1, H, W)`` over voxels, up to a constant (a scalar)."""
+        """The training loss of ``target`` ``(N, 1, H, W)``: a mean over voxels of its negative log likelihood.
+
+        Up to a constant; the built-in heteroscedastic ones weight each voxel
+        by beta-NLL's held-constant ``scale ** beta`` (module docstring). A scalar.
+        """
 
     @abstractmethod
     def mean(self, output: torch.Tensor) -> torch.Tensor:
