@@ -203,3 +203,16 @@ def test_l1_arms_train_the_same_weights_bit_for_bit_as_before_likelihoods(tmp_pa
             digest.update(name.encode())
             digest.update(state[name].contiguous().numpy().tobytes())
         assert digest.hexdigest() == BEFORE_LIKELIHOODS[arm], f"arm {arm}: the weights changed"
+
+
+def test_a_run_says_each_arms_likelihood(tmp_path):
+    from pathlib import Path
+
+    from uqsynth.pipeline import describe_run
+
+    host = get_host()
+    config = load_config(Path(__file__).resolve().parents[1] / "plugins" / "bcgan_t1t2.toml", host=host,
+                         overrides=["data.source=phantom"])
+    lines = describe_run(config, host, tmp_path, torch.device("cpu"), smoke=False)
+    assert any(line.startswith("arm mc_dropout:") and line.endswith("likelihood l1") for line in lines)
+    assert any(line.startswith("arm concrete_laplace:") and line.endswith("likelihood laplace") for line in lines)

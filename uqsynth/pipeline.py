@@ -86,7 +86,8 @@ def describe_run(
         f"adversarial loss {describe_plugin(model.adversarial_loss)}",
     ]
     for name, arm in config.arms.items():
-        lines.append(f"arm {name}: {describe_plugin(arm.stochastic_layer)} at positions {arm.positions}")
+        lines.append(f"arm {name}: {describe_plugin(arm.stochastic_layer)} at positions {arm.positions}, "
+                     f"likelihood {describe_plugin(arm.likelihood)}")
     return lines
 
 
