@@ -22,6 +22,11 @@ def test_same_seed_and_configuration_give_the_same_metrics(smoke_run, tmp_path):
     assert set(first.pop("timing")) == set(second.pop("timing"))
     assert set(first["arms"]) == {"mc_dropout", "concrete_dropout", "concrete_laplace"}
     assert first["arms"]["mc_dropout"]["rmse_mean"] > 0
+    # The paper's comparison first, then every pair: the recommended arm against each of the paper's.
+    assert first["paired_ttest"]["arms"] == ["mc_dropout", "concrete_dropout"]
+    assert [test["arms"] for test in first["paired_ttests"]] == [
+        ["mc_dropout", "concrete_dropout"], ["mc_dropout", "concrete_laplace"], ["concrete_dropout", "concrete_laplace"]
+    ]
     assert first == second
     # The per-subject rows hold no timing at all.
     assert (smoke_run / "metrics.csv").read_text() == (again / "metrics.csv").read_text()

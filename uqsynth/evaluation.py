@@ -281,7 +281,7 @@ def metrics_document(
     input_warnings: dict[str, list[str]] | None = None,
     calibration: dict | None = None,
 ) -> dict:
-    """``metrics.json``: per-arm blocks, the linear-map baseline, the paired t-test of the first two arms, timing.
+    """``metrics.json``: per-arm blocks, the linear-map baseline, paired t-tests (the first two arms', every pair's), timing.
 
     Args:
         evaluations: Each arm's evaluation.
@@ -307,8 +307,13 @@ def metrics_document(
         document["input_warnings"] = {subject: list(lines) for subject, lines in input_warnings.items()}
     names = list(evaluations)
     if len(names) >= 2 and len(arms[names[0]]["rmse_per_subject"]) >= 2:
-        test = paired_ttest(arms[names[0]]["rmse_per_subject"], arms[names[1]]["rmse_per_subject"])
-        document["paired_ttest"] = {"arms": names[:2], **test}
+        # The paper's comparison is of the first two arms; every other pair too, so a third arm
+        # (the main job's concrete_laplace) is compared with each of the paper's.
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        tests = [{"arms": [a, b], **paired_ttest(arms[a]["rmse_per_subject"], arms[b]["rmse_per_subject"])}
+                 for a, b in pairs]
+        document["paired_ttest"] = tests[0]
+        document["paired_ttests"] = tests
     return _finite(document)
 
 

@@ -290,10 +290,11 @@ def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
         f"Baseline: a per-subject least-squares linear map from source to target intensities, fitted to the "
         f"subject's own target (it sees the truth), has mean RMSE {_fmt(linear.get('rmse_mean'))}." if linear else ""
     )
-    ttest = document.get("paired_ttest")
+    tests = document.get("paired_ttests") or ([document["paired_ttest"]] if document.get("paired_ttest") else [])
     ttest_text = (
-        f"Two-sided paired t-test on per-subject RMSE, {ttest['arms'][0]} vs {ttest['arms'][1]}: "
-        f"t = {_fmt(ttest['t'])}, p = {_fmt(ttest['p'])} (n = {ttest['n']})." if ttest else "Only one arm: no t-test."
+        "Two-sided paired t-tests on per-subject RMSE: " + "; ".join(
+            f"{t['arms'][0]} vs {t['arms'][1]}: t = {_fmt(t['t'])}, p = {_fmt(t['p'])} (n = {t['n']})" for t in tests
+        ) + "." if tests else "Only one arm: no t-test."
     )
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in document.get("timing", {}).items())
     images = "".join(
