@@ -33,13 +33,12 @@ import torch
 
 import uqsynth
 from uqsynth._files import RECORD, atomic_write_text, recording
-from uqsynth.calibration.base import StreamingCalibrator
 from uqsynth.config import Config, PluginSpec, dumps_config, load_config
 from uqsynth.data.base import Dataset, RecordingDataset
 from uqsynth.data.slices import EvalVolume, TrainSlices, axial_subsample
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.devices import resolve_device
-from uqsynth.distributed import SINGLE, World, all_reduce_calibrator, close_world, init_world
+from uqsynth.distributed import SINGLE, World, close_world, init_world
 from uqsynth.errors import ConfigError, UserError
 from uqsynth.metrics import STD_FLOOR
 from uqsynth.plugins import PluginHost, get_host
@@ -248,16 +247,14 @@ def run_inputs(context: RunContext) -> RunInputs:
 
 
 def stage_calibrate(context: RunContext) -> None:
-    """Fit every configured calibrator per arm, streaming voxel batches, one subject at a time.
+    """Fit every configured calibrator per arm on the calibration subjects, sampled one at a time.
 
     Saved as ``RUN/<arm>/calibrators/<name>.safetensors`` (no pickled code),
-    bound to the arm; calibrators already saved are not fitted again. Under
-    torchrun each rank summarizes its share of the subjects and the
-    summaries are summed across ranks, which is exact (see
-    :func:`~uqsynth.distributed.all_reduce_calibrator`); calibrators that
-    are not a :class:`~uqsynth.calibration.base.StreamingCalibrator` get
-    every voxel gathered and fitted on rank 0.
+    bound to the arm; calibrators already saved are not fitted again. The
+    fitting itself, across processes under torchrun, is
+    :func:`uqsynth.calibration.fitting.fit_calibrators`'s.
     """
+    from uqsynth.calibration.fitting import SubjectVoxels, fit_calibrators
     from uqsynth.calibration.io import FORMAT, save_calibrator, saved_format
     config, world = context.config, context.world
     subjects = calibration_subjects(context)
@@ -273,36 +270,23 @@ def stage_calibrate(context: RunContext) -> None:
         on_main(world, lambda arm_dir=context.out_dir / arm_name: bind_outputs(arm_dir, arm_dir.name))
         calibrators = {spec.name: context.host["calibrator"].build(spec) for spec in pending}
         sampler = arm_sampler(context, arm_name)
-        started, voxels, degenerate = time.perf_counter(), 0, 0
-        # Calibrators whose summaries do not add up need every voxel at once: keep those (memory grows with the set).
-        gathered: dict[str, list[tuple[np.ndarray, ...]]] = {
-            name: [] for name, calibrator in calibrators.items() if not isinstance(calibrator, StreamingCalibrator)
-        }
-        for subject_id in world.shard(subjects):
-            volumes = axial_subsample(context.dataset.load(subject_id), config.calibration.slice_stride)
-            evaluation = EvalVolume(volumes, image_size=config.data.image_size, load_size=config.data.load_size)
-            maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
-            # Every brain voxel, a round-off std too: the calibrators give it a width of their own.
-            brain = evaluation.native_mask()
-            if not brain.any():
-                continue
-            degenerate += int((maps["std"][brain] < STD_FLOOR).sum())
-            truth = evaluation.normalized_target()
-            batch = (maps["mean"][brain], maps["std"][brain], truth[brain])
-            for name, calibrator in calibrators.items():
-                if name in gathered:
-                    gathered[name].append(batch)
-                else:
-                    calibrator.partial_fit(*batch)
-            voxels += int(brain.sum())
-        for name, calibrator in calibrators.items():
-            if name in gathered:
-                parts = world.gather(gathered[name])
-                if world.is_main:
-                    batches = [batch for part in parts for batch in part]
-                    calibrator.fit(*(np.concatenate(arrays) for arrays in zip(*batches)))
-            else:
-                all_reduce_calibrator(calibrator, world)
+        started, degenerate = time.perf_counter(), 0
+
+        def subject_voxels():
+            nonlocal degenerate
+            for subject_id in world.shard(subjects):
+                volumes = axial_subsample(context.dataset.load(subject_id), config.calibration.slice_stride)
+                evaluation = EvalVolume(volumes, image_size=config.data.image_size, load_size=config.data.load_size)
+                maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
+                # Every brain voxel, a round-off std too: the calibrators give it a width of their own.
+                brain = evaluation.native_mask()
+                if not brain.any():
+                    continue
+                degenerate += int((maps["std"][brain] < STD_FLOOR).sum())
+                truth = evaluation.normalized_target()
+                yield SubjectVoxels(subject_id, maps["mean"][brain], maps["std"][brain], truth[brain])
+
+        voxels = fit_calibrators(calibrators, subject_voxels(), world)
         voxels, degenerate = (int(v) for v in world.all_reduce_sum(np.array([voxels, degenerate])))
         if world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
