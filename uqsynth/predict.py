@@ -121,21 +121,24 @@ def posterior_maps(
     for chunk in chunks:
         means.append(chunk.mean)
         epistemic.append(chunk.epistemic_variance)
-        aleatoric.append(chunk.aleatoric_variance if chunk.aleatoric_variance is not None
-                         else torch.zeros_like(chunk.mean))
+        if chunk.aleatoric_variance is not None:
+            aleatoric.append(chunk.aleatoric_variance)
         bar.update(chunk.mean.shape[0])
     bar.close()
     mean, epistemic_variance = evaluation.assemble(torch.cat(means), torch.cat(epistemic))
-    # The tiles' mixture puts the spread between placements into the epistemic part; the aleatoric
-    # part is the placements' weighted mean variance, which is the mixture of zero-mean tiles.
-    aleatoric_tiles = torch.cat(aleatoric)
-    _, aleatoric_variance = evaluation.assemble(torch.zeros_like(aleatoric_tiles), aleatoric_tiles)
     # The generator works in [-1, 1]; the normalized scale is [0, 1], half as wide.
     mean = evaluation.to_native((mean + 1) / 2)
     std_epistemic = evaluation.to_native(epistemic_variance.clamp_min(0).sqrt() / 2)
-    std_aleatoric = evaluation.to_native(aleatoric_variance.clamp_min(0).sqrt() / 2)
-    std = np.sqrt(np.square(std_epistemic, dtype=np.float64) + np.square(std_aleatoric, dtype=np.float64))
-    std = std.astype(np.float32)
+    if not aleatoric:  # a likelihood without an aleatoric part (the paper's l1): the total is the epistemic std
+        std_aleatoric, std = np.zeros_like(std_epistemic), std_epistemic
+    else:
+        # The tiles' mixture puts the spread between placements into the epistemic part; the aleatoric
+        # part is the placements' weighted mean variance, which is the mixture of zero-mean tiles.
+        aleatoric_tiles = torch.cat(aleatoric)
+        _, aleatoric_variance = evaluation.assemble(torch.zeros_like(aleatoric_tiles), aleatoric_tiles)
+        std_aleatoric = evaluation.to_native(aleatoric_variance.clamp_min(0).sqrt() / 2)
+        std = np.sqrt(np.square(std_epistemic, dtype=np.float64) + np.square(std_aleatoric, dtype=np.float64))
+        std = std.astype(np.float32)
     mask = evaluation.native_mask()
     if calibrator is None:
         lower, upper = (bound.numpy() for bound in gaussian_interval(torch.from_numpy(mean), torch.from_numpy(std), level))
