@@ -142,6 +142,38 @@ class Calibrator(BaseEstimator):
         """
         return {}
 
+    def guarantee(self, level: float) -> dict[str, object]:
+        """What this calibrator's central interval at ``level`` promises, for the certificate beside every map set.
+
+        Keys: ``unit`` (``"voxel"``: a statement about a voxel drawn at
+        random; ``"subject"``: about a new subject's whole volume; ``None``:
+        no finite-sample promise), ``statement`` (one sentence, for people),
+        ``alpha`` (the tolerated miscoverage, ``1 - level``), ``delta`` (the
+        probability over the calibration draw that the promise fails, or
+        ``None``) and ``calibration_subjects`` (how many subjects it was
+        fitted on, where it counts them, else ``None``).
+
+        The default, for calibrators that make no promise (isotonic, sigma
+        scaling, most plugins): say so rather than imply one.
+        """
+        return {
+            "unit": None,
+            "statement": (f"no finite-sample guarantee: {type(self).__name__} is fitted so that intervals at "
+                          f"level {level:g} cover about that share of calibration voxels"),
+            "alpha": 1.0 - float(level),
+            "delta": None,
+            "calibration_subjects": None,
+        }
+
+    def required_subjects(self) -> int:
+        """The fewest calibration subjects with which this calibrator can give a finite interval (1 unless it counts subjects).
+
+        A run checks it against its calibration split before training, so a
+        split too small for a subject-level guarantee stops at once with one
+        line instead of ending, an hour later, in infinite intervals.
+        """
+        return 1
+
     def _validate_params(self) -> None:
         """Refuse parameters breaking the constraints declared on ``__init__`` (scikit-learn's ``_validate_params``).
 

@@ -267,6 +267,19 @@ class ConformalCalibrator(StreamingCalibrator):
         rms = float(np.sqrt(np.mean(self.score_quantile(MIDPOINT_LEVELS) ** 2)))
         return mean, self.effective_std(std) * rms
 
+    def guarantee(self, level: float) -> dict[str, object]:
+        """Voxel-level marginal coverage (the class docstring), not a promise about one subject."""
+        return {
+            "unit": "voxel",
+            "statement": (f"a voxel drawn at random from a subject drawn like the calibration subjects lies in its "
+                          f"interval with probability >= {level:g}, if calibration and test voxels are exchangeable "
+                          "(voxels of one image are not, so this holds only approximately, and says nothing "
+                          "about one subject)"),
+            "alpha": 1.0 - float(level),
+            "delta": None,
+            "calibration_subjects": None,
+        }
+
     def interval(self, mean, std, level):
         """``mean ± q_hat(level) * sigma_eff``, holding the truth with probability >= ``level``.
 
