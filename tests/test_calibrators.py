@@ -17,7 +17,9 @@ from sklearn.isotonic import IsotonicRegression
 
 from uqsynth.calibration.conformal import ConformalCalibrator, in_scale_share
 from uqsynth.calibration.io import load_calibrator, save_calibrator
+from uqsynth.calibration.fitting import takes_subjects
 from uqsynth.calibration.isotonic import IsotonicCalibrator
+from uqsynth.calibration.risk import RiskControl
 from uqsynth.calibration.sigma_scaling import SigmaScaling
 from uqsynth.errors import DataError
 from uqsynth.model_files import checksum_path, load_tensors, save_tensors, sha256_of
@@ -71,8 +73,15 @@ def test_registered_calibrators_pass_the_contract(factory, check):
     check(factory)
 
 
+#: The quality bars ask that a 90 % interval cover 90 % of fresh voxels on average. Risk control
+#: (RCPS) promises more, on purpose: with probability 1 - delta over the calibration draw, at most
+#: alpha missed, so its average coverage lies above the level (tests/test_risk_control.py checks
+#: its own promise instead).
+AVERAGE_COVERAGE = [factory for factory in REGISTERED if factory is not RiskControl]
+
+
 @pytest.mark.parametrize("check", QUALITY_CHECKS, ids=lambda check: check.__name__)
-@pytest.mark.parametrize("factory", REGISTERED, ids=lambda factory: factory.__name__)
+@pytest.mark.parametrize("factory", AVERAGE_COVERAGE, ids=lambda factory: factory.__name__)
 def test_registered_calibrators_meet_the_quality_bars(factory, check):
     check(factory)
 
@@ -93,7 +102,7 @@ def _all_factories(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
     from uqsynth_gaussian_dropout.calibrator import GaussianShiftScale
 
-    return [*REGISTERED, GaussianShiftScale]
+    return [*AVERAGE_COVERAGE, GaussianShiftScale]
 
 
 def test_each_calibrator_restores_90_percent_coverage_of_an_overconfident_predictor(monkeypatch):
@@ -101,8 +110,13 @@ def test_each_calibrator_restores_90_percent_coverage_of_an_overconfident_predic
     held_out = predictions(20000, std_ratio=2.0, seed=2)
     raw = float(np.mean(np.abs(held_out[2] - held_out[0]) <= 1.6449 * held_out[1]))
     assert raw < 0.65  # the uncalibrated Gaussian 90 % interval holds the truth only ~59 % of the time
+    subjects = np.arange(calibration[0].size) % 400  # for calibrators whose unit is the subject
     for factory in _all_factories(monkeypatch):
-        calibrator = factory().fit(*calibration)
+        calibrator = factory()
+        if takes_subjects(calibrator.fit):
+            calibrator.fit(*calibration, subject=subjects)
+        else:
+            calibrator.fit(*calibration)
         assert coverage(calibrator, *held_out, 0.9) == pytest.approx(0.9, abs=0.012), factory.__name__
 
 

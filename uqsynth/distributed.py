@@ -115,13 +115,42 @@ def all_reduce_calibrator(calibrator: StreamingCalibrator, world: World) -> Stre
 
     Streaming summaries are sums over voxels (histogram counts, moments), so
     the result equals one process fitting on all voxels; a rank that saw no
-    voxels adds zeros. Every rank ends with the same fitted calibrator.
+    voxels adds zeros. Per-subject summaries (one histogram row per subject)
+    are first spread so that each rank's rows have places of their own, and
+    the sum is the union of the ranks' subjects. Every rank ends with the
+    same fitted calibrator.
     """
     local = calibrator.summary() if hasattr(calibrator, "n_") else calibrator.empty_summary()
+    per_subject = "subject_keys_" in local  # subject-level calibrators (uqsynth.calibration.risk)
+    if per_subject and world.distributed:
+        local = _spread_subject_rows(local, world)
     total = {name: world.all_reduce_sum(value) for name, value in sorted(local.items())}
+    if per_subject:
+        from uqsynth.calibration.risk import combine_subject_summaries
+
+        total = combine_subject_summaries([total])  # a subject two ranks saw: its rows added
     if int(total["n_"]) == 0:
         raise ValueError(f"{type(calibrator).__name__}: no rank saw any voxels to fit on")
     return calibrator.load_summary(total)
+
+
+def _spread_subject_rows(local: dict[str, np.ndarray], world: World) -> dict[str, np.ndarray]:
+    """A per-subject summary laid out so that the element-wise sum over ranks joins the ranks' subjects.
+
+    Each rank's subject rows go after those of the ranks before it (their
+    counts are all-reduced first); the shared histograms stay as they are,
+    since they add up anyway.
+    """
+    sizes = np.zeros(world.size, dtype=np.int64)
+    sizes[world.rank] = local["subject_keys_"].size
+    sizes = world.all_reduce_sum(sizes)
+    start, total = int(sizes[: world.rank].sum()), int(sizes.sum())
+    spread = dict(local)
+    for name in ("counts_", "subject_keys_"):
+        rows = np.zeros((total, *local[name].shape[1:]), dtype=local[name].dtype)
+        rows[start : start + local[name].shape[0]] = local[name]
+        spread[name] = rows
+    return spread
 
 
 def launched_by_torchrun() -> bool:
