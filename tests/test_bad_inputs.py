@@ -478,3 +478,21 @@ def test_predict_refuses_fewer_than_two_samples(smoke_run, tmp_path, capsys):
                    "--out", str(out), "--samples", "1")
     assert_named(line, "--samples must be at least 2", "found 1")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("calibrator", "needed"),
+    [({"name": "conformal_risk", "alpha": 0.1}, 9), ({"name": "risk_control", "alpha": 0.1, "delta": 0.1}, 22)],
+)
+def test_a_calibration_split_too_small_for_subject_level_risk_control_stops_before_training(
+    calibrator, needed, tmp_path, capsys
+):
+    config = write_config(
+        tmp_path / "c.toml",
+        data={**VALID["data"], "phantom": {"subjects": 12, "shape": [24, 28, 20]}, "test_fraction": 0.34},
+        calibration={"calibrators": [calibrator], "subjects": "held_out", "held_out_fraction": 0.34},
+    )
+    out = tmp_path / "run"
+    line = refused(capsys, "run", str(config), "--out", str(out), "--device", "cpu")
+    assert_named(line, "calibration.calibrators", calibrator["name"], f"at least {needed} calibration subjects", "has 4")
+    assert not out.exists() or files_in(out) == set(), "nothing may be written before the refusal"

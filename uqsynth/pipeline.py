@@ -141,6 +141,31 @@ def subject_split(config: Config, ids: Sequence[str]) -> Split:
     )
 
 
+def check_calibration_subjects(context: RunContext) -> None:
+    """Refuse, before training, a calibration split too small for a configured calibrator's guarantee.
+
+    Why now: a subject-level calibrator (``conformal_risk``, ``risk_control``)
+    given fewer subjects than its ``alpha`` (and ``delta``) need certifies
+    no finite interval; learning that after training costs the whole run.
+
+    Raises:
+        ConfigError: One line naming the calibrator, what it needs and what the split has.
+    """
+    calibration = context.config.calibration
+    available = len(calibration_subjects(context))
+    for spec in calibration.calibrators:
+        needed = context.host["calibrator"].build(spec).required_subjects()
+        if available < needed:
+            where = ("the held-out calibration split" if calibration.subjects == "held_out"
+                     else "the training subjects it is fitted on")
+            params = ", ".join(f"{key} {value}" for key, value in sorted(spec.params.items())) or "its defaults"
+            raise ConfigError(
+                f"calibration.calibrators: {spec.name} ({params}) needs at least {needed} calibration subjects, "
+                f"but {where} has {available}; give the split more subjects (calibration.held_out_fraction, "
+                "calibration.max_subjects, or more data) or relax alpha/delta"
+            )
+
+
 def prepare(context: RunContext) -> None:
     """Everything that can fail on bad input, before the run directory is touched.
 
@@ -154,6 +179,7 @@ def prepare(context: RunContext) -> None:
         raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set it to false on CPUs")
     context.dataset = build_dataset(config, context.host)
     context.split = subject_split(config, context.dataset.subject_ids())
+    check_calibration_subjects(context)
     for line in context.dataset.scan_summary():
         context.say(f"data: {line}")
     started = time.perf_counter()

@@ -35,7 +35,9 @@ candidate floor (the floor is only known at the end), plus the shared
 histogram the floor is fitted on; O(subjects x floors x bins) integers.
 Each score counts at its bin's *upper* edge, so a subject's loss at an edge
 is never under-estimated: the guarantees survive the binning, at a width
-cost below one bin (2.3 % at the defaults). Histograms are keyed by a hash
+cost below one bin (3.3 % at the defaults; scores range to 1e4
+because an MC-only arm's std can be far below its errors, and a score
+above ``high`` is never covered). Histograms are keyed by a hash
 of the subject's id, so batches of one subject add up, and parts fitted on
 different processes combine exactly (:meth:`merge`, and the all-reduce in
 :func:`uqsynth.distributed.all_reduce_calibrator`).
@@ -144,9 +146,9 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         self,
         *,
         alpha: Annotated[float, Interval(0.0, 1.0, closed="neither")] = 0.1,
-        bins: Annotated[int, Interval(1, None)] = 400,
-        low: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-2,
-        high: Annotated[float, Interval(0.0, None, closed="neither")] = 1e2,
+        bins: Annotated[int, Interval(1, None)] = 500,
+        low: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-3,
+        high: Annotated[float, Interval(0.0, None, closed="neither")] = 1e4,
     ) -> None:
         self.alpha = alpha
         self.bins = bins
@@ -415,9 +417,9 @@ class RiskControl(SubjectRiskCalibrator):
         *,
         alpha: Annotated[float, Interval(0.0, 1.0, closed="neither")] = 0.1,
         delta: Annotated[float, Interval(0.0, 1.0, closed="neither")] = 0.1,
-        bins: Annotated[int, Interval(1, None)] = 400,
-        low: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-2,
-        high: Annotated[float, Interval(0.0, None, closed="neither")] = 1e2,
+        bins: Annotated[int, Interval(1, None)] = 500,
+        low: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-3,
+        high: Annotated[float, Interval(0.0, None, closed="neither")] = 1e4,
     ) -> None:
         super().__init__(alpha=alpha, bins=bins, low=low, high=high)
         self.delta = delta
