@@ -122,6 +122,40 @@ def test_metrics_json_gives_picp_and_width_per_region_before_and_after_calibrati
     assert written["calibration"] == {"subjects": "held_out", "count": 2, "ids": ["c1", "c2"], "slice_stride": 1}
 
 
+def test_each_test_subjects_miscoverage_is_the_fraction_of_its_brain_voxels_outside(config, run):
+    """What subject-level calibrators promise is about this number, so it must be each subject's own, not pooled."""
+    from scipy.stats import norm
+
+    from uqsynth.calibration.io import load_calibrator
+
+    written = arm_summary(evaluate(config, run)["b"])
+    _, sigma_scaling = load_calibrator(run / "b" / "calibrators" / "sigma_scaling.safetensors")
+    for level in ("0.5", "0.9"):
+        for group in ("uncalibrated", "sigma_scaling"):
+            numbers = written["subject_miscoverage"][group][level]
+            expected = {}
+            for subject_id in IDS:
+                evaluation = EvalVolume(LabelledDataset().load(subject_id), image_size=16)
+                truth, brain = evaluation.normalized_target()[evaluation.native_mask()], evaluation.native_mask()
+                mean = nib.load(run / "b" / "predictions" / f"{subject_id}_mean.nii.gz").get_fdata()[brain]
+                std = nib.load(run / "b" / "predictions" / f"{subject_id}_std.nii.gz").get_fdata()[brain]
+                if group == "uncalibrated":
+                    z = norm.ppf(0.5 + float(level) / 2)
+                    lower, upper = mean - z * std, mean + z * std
+                else:
+                    lower, upper = sigma_scaling.interval(mean, std, float(level))
+                expected[subject_id] = float(np.mean((truth < lower) | (truth > upper)))
+            assert numbers["per_subject"] == pytest.approx(expected, abs=1e-6)
+            assert list(numbers["per_subject"]) == IDS  # test order
+            assert numbers["alpha"] == pytest.approx(1 - float(level), abs=1e-12)
+            assert numbers["mean"] == pytest.approx(np.mean(list(expected.values())))
+            assert numbers["max"] == pytest.approx(max(expected.values()))
+            assert numbers["above_alpha"] == sum(v > 1 - float(level) for v in expected.values())
+    # These predictions miss every lesion voxel: more than alpha of each subject is outside the 90 % interval.
+    assert written["subject_miscoverage"]["uncalibrated"]["0.9"]["above_alpha"] == len(IDS)
+    assert written["guarantees"]["sigma_scaling"]["unit"] is None
+
+
 def test_brain_voxels_with_zero_std_are_counted_and_the_nll_stays_finite(config, run):
     arms = metrics_document(evaluate(config, run), {}, {})["arms"]
     assert arms["a"]["std_below_floor_voxels"] == 12 and arms["b"]["std_below_floor_voxels"] == 0  # 3 per subject

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import nibabel as nib
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def test_run_stores_mean_and_the_three_std_volumes_of_every_test_subject(trained
     for arm in ("mc", "concrete", "laplace"):
         files = outputs(run / arm / "predictions")
         (subject,) = {f.split("_", 1)[0] for f in files}
-        assert files == [f"{subject}_{name}.nii.gz" for name in ("mean", "std", "std_aleatoric", "std_epistemic")]
+        maps = [f"{subject}_{name}.nii.gz" for name in ("mean", "std", "std_aleatoric", "std_epistemic")]
+        assert files == [*maps, f"{subject}_uncertainty.json"]
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +70,98 @@ def test_predict_uses_the_arms_calibrator_and_says_which(trained, tmp_path, caps
     assert "calibrated by conformal" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "c"), "--calibrator", "platt"]) == 2
     assert "has no fitted calibrator 'platt' (fitted: isotonic, sigma_scaling, conformal)" in capsys.readouterr().err
-    calibrators = root / "run" / "mc" / "calibrators"
-    for path in calibrators.glob("*"):
-        path.rename(path.with_suffix(".off"))
-    try:
+    with calibrators_moved_away(root / "run" / "mc"):
         assert main([*args, "--out", str(tmp_path / "d")]) == 0
         assert "interval at level 0.95: Gaussian (no fitted calibrator)" in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def calibrators_moved_away(arm):
+    """The arm as if no calibrator had been fitted, for the duration (the module's other tests need them back)."""
+    calibrators, away = arm / "calibrators", arm.parent / f"{arm.name}-calibrators-away"
+    calibrators.rename(away)
+    try:
+        yield
     finally:
-        for path in calibrators.glob("*.off"):
-            path.rename(path.with_suffix(".safetensors"))
+        away.rename(calibrators)
+
+
+def sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_certificate_beside_the_maps_says_which_model_which_calibrator_and_what_it_promises(trained, tmp_path):
+    import json
+
+    from uqsynth.data.nifti import load_source
+    from uqsynth.data.slices import EvalVolume
+
+    root, phantoms = trained
+    arm = root / "run" / "mc"
+    args = ["predict", "--model", str(arm), "--input", str(phantoms["RAS"]), "--samples", "3", "--level", "0.9"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--calibrator", "conformal"]) == 0
+    reference = tmp_path / "reference_t2w.nii.gz"
+    image = nib.load(phantoms["RAS"])
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) * 3.0, image.affine), reference)
+    assert main([*args, "--out", str(tmp_path / "b"), "--calibrator", "conformal", "--rescale-like", str(reference)]) == 0
+    stem = phantoms["RAS"].name[: -len(".nii.gz")]
+    document = json.loads((tmp_path / "a" / f"{stem}_uncertainty.json").read_text())
+    assert document["volume"] == stem and document["uqsynth_version"]
+    assert document["model"] == {"arm": "mc", "generator_sha256": sha256(arm / "generator.safetensors"),
+                                 "likelihood": "l1", "samples": 3, "seed": 3}
+    (entry,) = document["intervals"]
+    assert entry["calibrator"] == "conformal" and entry["level"] == 0.9 and entry["alpha"] == 0.1
+    assert entry["calibrator_sha256"] == sha256(arm / "calibrators" / "conformal.safetensors")
+    assert entry["unit"] == "voxel" and "says nothing about one subject" in entry["statement"]
+    assert set(entry["params"]) == {"bins", "low", "high"} and entry["infinite_voxels"] == 0
+    # Its numbers are those of the maps beside it, on the [0, 255] scale of the normalized intensities.
+    brain = EvalVolume(load_source(phantoms["RAS"], subject_id=stem), image_size=32).native_mask()
+    maps = {name: nib.load(tmp_path / "a" / f"{stem}_{name}.nii.gz").get_fdata()[brain] for name in MAPS}
+    assert entry["mean_width"] == pytest.approx(np.mean(maps["upper"] - maps["lower"]) * 255, rel=1e-5)
+    assert document["summary"]["brain_voxels"] == int(brain.sum())
+    assert document["summary"]["nstd"] == pytest.approx(np.sqrt(np.mean(maps["std"] ** 2)) * 255, rel=1e-5)
+    assert document["maps"] == {name: f"{stem}_{name}.nii.gz" for name in MAPS}
+    # Rescaled maps, same certificate numbers: two scanners' volumes rank alike.
+    rescaled = json.loads((tmp_path / "b" / f"{stem}_uncertainty.json").read_text())
+    assert nib.load(tmp_path / "b" / f"{stem}_std.nii.gz").get_fdata().max() > 2 * maps["std"].max()
+    assert rescaled["summary"] == document["summary"] and rescaled["intervals"] == document["intervals"]
+
+
+def test_an_uncalibrated_interval_says_it_promises_nothing(trained, tmp_path):
+    import json
+
+    root, phantoms = trained
+    with calibrators_moved_away(root / "run" / "concrete"):
+        assert main(["predict", "--model", str(root / "run" / "concrete"), "--input", str(phantoms["LPS"]),
+                     "--samples", "3", "--out", str(tmp_path)]) == 0
+    (certificate,) = tmp_path.glob("*_uncertainty.json")
+    (entry,) = json.loads(certificate.read_text())["intervals"]
+    assert entry["calibrator"] is None and entry["unit"] is None and entry["statement"].startswith("no guarantee")
+    assert entry["level"] == 0.95 and entry["mean_width"] > 0
+
+
+def test_the_run_writes_a_certificate_per_test_subject_and_arm_for_every_fitted_calibrator(trained):
+    import csv
+    import json
+
+    root, _ = trained
+    run = root / "run"
+    with open(run / "metrics.csv", newline="") as handle:
+        rows = {(r["arm"], r["subject"]): r for r in csv.DictReader(handle)}
+    for arm in ("mc", "concrete", "laplace"):
+        (path,) = (run / arm / "predictions").glob("*_uncertainty.json")
+        document = json.loads(path.read_text())
+        assert document["model"]["generator_sha256"] == sha256(run / arm / "generator.safetensors")
+        assert [e["calibrator"] for e in document["intervals"]] == ["isotonic", "sigma_scaling", "conformal"]
+        for entry in document["intervals"]:
+            assert entry["calibrator_sha256"] == sha256(run / arm / "calibrators" / f"{entry['calibrator']}.safetensors")
+            assert entry["level"] == 0.9 and entry["mean_width"] > 0
+        # The run's volume summary is the evaluation's: the same nSTD (what triage ranks by) and mean std.
+        row = rows[(arm, document["volume"])]
+        assert document["summary"]["nstd"] == pytest.approx(float(row["nstd"]), rel=1e-9)
+        assert document["summary"]["std_mean"] == pytest.approx(float(row["std_mean"]), rel=1e-6)
 
 
 MAPS = ("mean", "std", "std_epistemic", "std_aleatoric", "lower", "upper")
@@ -89,7 +174,7 @@ def test_predict_writes_six_maps_in_the_inputs_own_grid(predicted, orientation, 
     out = root / (f"out-{orientation}" if arm == "concrete" else f"out-{arm}")
     reference = nib.load(t1)
     stem = t1.name[: -len(".nii.gz")]
-    assert outputs(out) == sorted(f"{stem}_{name}.nii.gz" for name in MAPS)
+    assert outputs(out) == sorted([*(f"{stem}_{name}.nii.gz" for name in MAPS), f"{stem}_uncertainty.json"])
     maps = {name: nib.load(out / f"{stem}_{name}.nii.gz") for name in MAPS}
     brain = np.asanyarray(reference.dataobj) != 0
     for image in maps.values():

@@ -18,12 +18,13 @@ FIGURES = {
     "fig3_examples_mc.png", "fig3_examples_concrete.png",
     "fig4_error_vs_uncertainty_mc.png", "fig4_error_vs_uncertainty_concrete.png",
     "fig5_sparsification.png",
-    "fig6_7_calibration_mc.png", "fig6_7_calibration_concrete.png",
+    "fig6_7_calibration_mc.png", "fig6_7_calibration_concrete.png", "fig8_subject_miscoverage.png",
 }
 ARM_KEYS = {
     "rmse_per_subject", "rmse_mean", "psnr_mean", "ssim_mean", "calibration_rms_before", "calibration_rms_after",
     "miscalibration_area_before", "crps", "nll", "picp", "ause", "volume_spearman", "learned_p",
-    "std_mean", "std_below_floor_voxels", "brain_voxels", "nll_left_out_voxels", "regions",
+    "std_mean", "std_below_floor_voxels", "brain_voxels", "nll_left_out_voxels", "regions", "subject_miscoverage",
+    "guarantees",
 }
 
 
@@ -104,6 +105,9 @@ def test_report_is_one_offline_page_with_every_figure(finished):
     assert "Coverage by region" in page and "mc PICP 90% after isotonic" in page and "white matter" in page
     assert "brain voxels with total std &lt; 1e-06" in page
     assert "Calibrators were fitted on the 3 training subject(s)" in page
+    # Each test subject's miscoverage, per interval, against alpha; conformal's promise is about a voxel.
+    assert "Coverage per subject" in page and "subjects above alpha" in page
+    assert re.search(r"<td>mc</td><td>conformal</td><td>voxel</td>", page)
 
 
 def test_report_command_rebuilds_identical_metrics_without_sampling(finished, capsys):

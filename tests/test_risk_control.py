@@ -122,3 +122,32 @@ def test_batches_of_one_subject_add_up_and_subjects_merge_exactly():
         assert np.array_equal(value, streamed.summary()[name]), name
     with pytest.raises(ValueError, match="calibrates on whole subjects"):
         ConformalRiskControl().fit(mean.ravel(), std.ravel(), truth.ravel())
+
+
+def fitted_on(calibrator, count: int, seed: int = 3):
+    mean, std, truth = synthetic_subjects(count, seed)
+    subject = np.repeat(np.arange(count), mean.shape[1])
+    return calibrator.fit(mean.ravel(), std.ravel(), truth.ravel(), subject=subject)
+
+
+def test_the_certificate_of_a_risk_controlled_interval_states_the_subject_level_promise(tmp_path):
+    import json
+
+    from uqsynth.certificate import interval_entry, write_certificate
+
+    mean, std, _ = synthetic_subjects(1, seed=9)
+    for calibrator, delta, rule in ((RiskControl(), 0.1, "Hoeffding-Bentkus"), (ConformalRiskControl(), None,
+                                                                                 "conformal risk control")):
+        fitted_on(calibrator, 40)
+        lower, upper = calibrator.interval(mean[0], std[0], LEVEL)
+        entry = interval_entry(LEVEL, lower, upper, name="risk", calibrator=calibrator)
+        assert entry["unit"] == "subject" and entry["calibration_subjects"] == 40 and entry["delta"] == delta
+        assert entry["alpha"] == ALPHA and rule in entry["statement"] and "the 40 calibration subjects" in entry["statement"]
+        assert entry["mean_width"] == pytest.approx(np.mean(upper - lower) * 255) and entry["infinite_voxels"] == 0
+    # Too few subjects for RCPS at this level: the interval is infinite, and the certificate says so in strict JSON.
+    calibrator = fitted_on(RiskControl(), RiskControl().required_subjects() - 1)
+    lower, upper = calibrator.interval(mean[0], std[0], LEVEL)
+    entry = interval_entry(LEVEL, lower, upper, name="risk_control", calibrator=calibrator)
+    assert entry["mean_width"] is None and entry["infinite_voxels"] == mean.shape[1]
+    path = write_certificate(tmp_path / "s_uncertainty.json", {"intervals": [entry]})
+    assert json.loads(path.read_text())["intervals"][0]["mean_width"] is None

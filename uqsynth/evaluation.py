@@ -9,7 +9,9 @@ model was trained to produce), and feeds one subject at a time to a
 never holds more than one volume. ``uqsynth report RUN`` reruns exactly this.
 
 Outputs ``RUN/metrics.json`` (the keys of issue 5 under ``arms.<arm>``,
-PICP-90 and 90 % interval width per region under ``arms.<arm>.regions``
+each test subject's fraction of brain voxels outside every interval under
+``arms.<arm>.subject_miscoverage``, PICP-90 and 90 % interval width per
+region under ``arms.<arm>.regions``
 when the dataset labels regions, the per-subject linear-map baseline under
 ``baselines.linear_map``, the paired t-test between the first two arms,
 which subjects the calibrators were fitted on, timing) and
@@ -58,6 +60,7 @@ class ArmEvaluation:
     learned_p: list[float]
     example: dict[str, np.ndarray] = field(default_factory=dict)
     calibrator_fit: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> its fit_report()
+    guarantees: dict[str, dict] = field(default_factory=dict)  # name -> its guarantee(REGION_LEVEL)
 
 
 def read_prediction(path: Path) -> np.ndarray:
@@ -161,7 +164,8 @@ def evaluate_arm(
         raise DataError("no test subjects to evaluate")
     fits = {name: {key: float(value) for key, value in calibrator.fit_report().items()}
             for name, calibrator in calibrators.items()}
-    return ArmEvaluation(evaluator, evaluator.result(), learned_p, example, fits)
+    guarantees = {name: calibrator.guarantee(REGION_LEVEL) for name, calibrator in calibrators.items()}
+    return ArmEvaluation(evaluator, evaluator.result(), learned_p, example, fits, guarantees)
 
 
 def evaluate_linear_baseline(config: Config, dataset: Dataset, test_ids: list[str]) -> dict[str, float]:
@@ -193,7 +197,8 @@ def merge_evaluations(parts: list[ArmEvaluation | None], test_ids: list[str]) ->
     for index, part in enumerate(present[1:], start=2):
         evaluator.merge(part.evaluator, order=test_ids if index == len(present) else None)
     example = next((part.example for part in present if part.example), {})
-    return ArmEvaluation(evaluator, evaluator.result(), present[0].learned_p, example, present[0].calibrator_fit)
+    first = present[0]
+    return ArmEvaluation(evaluator, evaluator.result(), first.learned_p, example, first.calibrator_fit, first.guarantees)
 
 
 def region_summary(result: dict) -> dict | None:
@@ -214,6 +219,33 @@ def region_summary(result: dict) -> dict | None:
             f"picp_{_REGION_SUFFIX}": {group: values["picp"][key] for group, values in groups.items()},
             f"width_{_REGION_SUFFIX}": {group: values["width"][key] for group, values in groups.items()},
         }
+    return out
+
+
+def subject_miscoverage(result: dict) -> dict:
+    """``arms.<arm>.subject_miscoverage``: per interval, the fraction of each test subject's brain voxels outside it.
+
+    What the subject-level calibrators promise is about this number (its
+    expectation over new subjects is at most ``alpha = 1 - level``); pooled
+    PICP, the voxel average, can look right while some subjects are far off.
+    Keyed like ``picp_after``: ``uncalibrated`` and each calibrator, then the
+    level (``"0.9"``), with ``alpha``, ``per_subject`` (id -> fraction, in
+    test order), ``mean``, ``max`` and ``above_alpha`` (how many subjects
+    exceed ``alpha``).
+    """
+    subjects = result["subjects"]
+    groups = {"uncalibrated": lambda s: s["gaussian"]}
+    groups.update({name: (lambda s, name=name: s["calibrators"][name]) for name in result["calibrators"]})
+    out: dict = {}
+    for group, numbers_of in groups.items():
+        per_level = {}
+        for level in INTERVAL_LEVELS:
+            key, alpha = level_key(level), round(1.0 - level, 12)
+            outside = {i: 1.0 - float(numbers_of(s)["picp"][key]) for i, s in subjects.items()}
+            values = np.array(list(outside.values()))
+            per_level[key] = {"alpha": alpha, "per_subject": outside, "mean": float(values.mean()),
+                              "max": float(values.max()), "above_alpha": int((values > alpha).sum())}
+        out[group] = per_level
     return out
 
 
@@ -255,6 +287,9 @@ def arm_summary(evaluation: ArmEvaluation) -> dict:
         "learned_p": evaluation.learned_p,
         # What each fitted calibrator learned of the voxels (its floor; isotonic's clamped fraction, ...).
         "calibrator_fit": evaluation.calibrator_fit,
+        "subject_miscoverage": subject_miscoverage(result),
+        # What each calibrator's 90 % interval promises (unit voxel or subject, or none), in one sentence each.
+        "guarantees": evaluation.guarantees,
     }
     regions = region_summary(result)
     if regions is not None:

@@ -1,6 +1,6 @@
 """``uqsynth run``: validate the configuration, then run the stages in order.
 
-Stages: train -> sample -> calibrate -> evaluate -> report. Everything that
+Stages: train -> sample -> calibrate -> certify -> evaluate -> report. Everything that
 can be checked (configuration, plugins, data, split, the networks at the
 configured slice size, an existing run in ``--out``) is checked before the
 run directory is touched, so bad input leaves no output behind.
@@ -331,6 +331,59 @@ def stage_calibrate(context: RunContext) -> None:
                 context.say(f"arm {arm_name}: {name} " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
 
 
+def stage_certify(context: RunContext) -> None:
+    """``RUN/<arm>/predictions/<id>_uncertainty.json`` beside every test subject's maps (:mod:`uqsynth.certificate`).
+
+    One entry per fitted calibrator, at its own level (``1 - alpha`` for a
+    calibrator with an ``alpha``, else :data:`CERTIFICATE_LEVEL`): its promise
+    and the subject's mean interval width, from the saved maps (no sampling);
+    the uncalibrated Gaussian interval's (no promise) when none is configured.
+    Written again on every run, so the certificates always describe the
+    calibrators now beside them. Under torchrun each rank writes its share.
+    """
+    from uqsynth.calibration.io import load_calibrator
+    from uqsynth.certificate import certificate, certificate_path, interval_entry, write_certificate
+    from uqsynth.evaluation import read_prediction
+    from uqsynth.metrics import gaussian_interval
+    from uqsynth.training import GENERATOR_WEIGHTS
+
+    config, world = context.config, context.world
+    fitted = {}
+    for arm_name in config.arms:
+        directory = context.out_dir / arm_name / "calibrators"
+        files = [directory / f"{spec.name}.safetensors" for spec in config.calibration.calibrators]
+        fitted[arm_name] = [(path, *load_calibrator(path, arm=arm_name)) for path in files if path.is_file()]
+    started, written = time.perf_counter(), 0
+    for subject_id in world.shard(context.split.test):
+        brain = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size).native_mask()
+        for arm_name, arm in config.arms.items():
+            predictions = context.out_dir / arm_name / "predictions"
+            mean = read_prediction(predictions / f"{subject_id}_mean.nii.gz")[brain]
+            std = read_prediction(predictions / f"{subject_id}_std.nii.gz")[brain]
+            entries = []
+            if not fitted[arm_name]:  # no calibrator configured: what the uncalibrated interval promises (nothing)
+                entries.append(interval_entry(CERTIFICATE_LEVEL, *gaussian_interval(mean, std, CERTIFICATE_LEVEL)))
+            for path, name, calibrator in fitted[arm_name]:
+                level = 1.0 - float(getattr(calibrator, "alpha", 1.0 - CERTIFICATE_LEVEL))
+                lower, upper = calibrator.interval(mean, std, level)
+                entries.append(interval_entry(level, lower, upper, name=name, calibrator=calibrator,
+                                              calibrator_file=path))
+            document = certificate(
+                volume=subject_id, arm=arm_name, generator_file=context.out_dir / arm_name / GENERATOR_WEIGHTS,
+                likelihood=arm.likelihood.name, samples=config.sampling.samples, seed=config.run.seed, std=std,
+                intervals=entries, maps={name: f"{subject_id}_{name}.nii.gz" for name in PREDICTED_MAPS},
+            )
+            write_certificate(certificate_path(predictions, subject_id), document)
+            written += 1
+    written = int(world.all_reduce_sum(np.array(written)))
+    context.say(f"certificates: {written} written beside the test subjects' predictions "
+                f"(<id>_uncertainty.json) in {time.perf_counter() - started:.1f} s")
+
+
+#: The level of a run's certificates for calibrators without an ``alpha`` of their own.
+CERTIFICATE_LEVEL = 0.9
+
+
 def stage_evaluate(context: RunContext) -> None:
     """Every metric of every arm from the saved predictions: ``metrics.json`` and ``metrics.csv``.
 
@@ -387,6 +440,7 @@ STAGES: tuple[tuple[str, Callable[..., None]], ...] = (
     ("train", stage_train),
     ("sample", stage_sample),
     ("calibrate", stage_calibrate),
+    ("certify", stage_certify),
     ("evaluate", stage_evaluate),
     ("report", stage_report),
 )

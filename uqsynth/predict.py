@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from uqsynth._files import RECORD, refuse_replacing
 from uqsynth.calibration.base import Calibrator
+from uqsynth.certificate import certificate, certificate_path, interval_entry, write_certificate
 from uqsynth.config import Config, load_config
 from uqsynth.data.base import SubjectVolumes
 from uqsynth.data.brats import CONTRASTS, ROLES, scan_source_only
@@ -198,6 +199,30 @@ def write_maps(maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Pa
     return written
 
 
+def map_certificate(
+    arm: TrainedArm,
+    model_dir: Path,
+    fitted: tuple[str, Calibrator] | None,
+    level: float,
+    options: SamplerOptions,
+    evaluation: EvalVolume,
+    maps: dict[str, np.ndarray],
+    stem: str,
+) -> dict[str, object]:
+    """The certificate of one volume's maps (:mod:`uqsynth.certificate`), from its normalized maps."""
+    brain = evaluation.native_mask()
+    name, calibrator = fitted if fitted else (None, None)
+    entry = interval_entry(
+        level, maps["lower"][brain], maps["upper"][brain], name=name, calibrator=calibrator,
+        calibrator_file=model_dir / "calibrators" / f"{name}.safetensors" if name else None,
+    )
+    return certificate(
+        volume=stem, arm=arm.name, generator_file=model_dir / GENERATOR_WEIGHTS,
+        likelihood=arm.config.arms[arm.name].likelihood.name, samples=options.samples, seed=options.seed,
+        std=maps["std"][brain], intervals=[entry], maps={map_name: f"{stem}_{map_name}.nii.gz" for map_name in maps},
+    )
+
+
 def _stem(path: Path) -> str:
     """The file name without its NIfTI ending, in any case (``T1.NII.GZ`` -> ``T1``)."""
     return nifti_stem(path.name) or path.stem
@@ -269,7 +294,7 @@ def run_predict(
     rescale_like: str | None = None,
     calibrator: str | None = None,
 ) -> int:
-    """``uqsynth predict``: validate everything first, then write four maps per input volume."""
+    """``uqsynth predict``: validate everything first, then write the maps and the certificate of every input volume."""
     if not 0.0 < level < 1.0:
         raise ConfigError(f"--level must be in (0, 1), found {level}")
     if samples is not None and samples < 2:
@@ -296,7 +321,8 @@ def run_predict(
             *([("--rescale-like", Path(rescale_like))] if rescale_like else []),
             ("--model", model_dir.parent / "config.toml"),
             *(("--model", path) for path in sorted(model_dir.rglob("*")) if path.is_file())]
-    planned = [out_dir / f"{stem}_{name}.nii.gz" for stem, _ in volumes for name in MAPS]
+    planned = [*(out_dir / f"{stem}_{name}.nii.gz" for stem, _ in volumes for name in MAPS),
+               *(certificate_path(out_dir, stem) for stem, _ in volumes)]
     refuse_replacing(planned, read, where=f"--out {out_dir}")
     run_dir = next((d for d in (out_dir.resolve(), *out_dir.resolve().parents) if (d / RECORD).is_file()), None)
     if run_dir is not None:  # its record would not list our maps, and a report would score them as the run's
@@ -318,12 +344,19 @@ def run_predict(
         evaluation = EvalVolume(subject, image_size=data.image_size, load_size=data.load_size)
         maps = posterior_maps(sampler, evaluation, level=level, progress=True,
                               calibrator=fitted[1] if fitted else None)
+        document = map_certificate(arm, Path(model), fitted, level, sampler.options, evaluation, maps, stem)
         maps = {name: (array * scale).astype(np.float32) for name, array in maps.items()}
-        write_maps(maps, subject, out_dir, stem)
+        written = write_maps(maps, subject, out_dir, stem)
+        try:
+            write_certificate(certificate_path(out_dir, stem), document)
+        except BaseException:  # a map set without its certificate is not a set: none of it stays
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         seconds = time.perf_counter() - started
         slices, inputs = len(evaluation), len(evaluation.source)  # network inputs: a slice's tiles
         tiles = f" ({inputs} tiles at the training scale)" if inputs > slices else ""
         print(f"{stem}: {slices} slices{tiles} x {T} samples in {seconds:.1f} s "
-              f"({inputs * T / seconds:.0f} slice-samples/s) -> {out_dir / stem}_{{{','.join(MAPS)}}}.nii.gz",
-              file=sys.stderr)
+              f"({inputs * T / seconds:.0f} slice-samples/s) -> {out_dir / stem}_{{{','.join(MAPS)}}}.nii.gz "
+              f"and {certificate_path(out_dir, stem).name}", file=sys.stderr)
     return 0

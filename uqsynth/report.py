@@ -11,10 +11,12 @@ so ``uqsynth report RUN`` rebuilds it from the saved predictions:
 - ``fig5_sparsification.png``: RMSE of the voxels kept as the most uncertain
   are removed, with the oracle (removal by true error);
 - ``fig6_7_calibration_<arm>.png``: calibration curves before and after each
-  calibrator, with their RMS distance to y = x.
+  calibrator, with their RMS distance to y = x;
+- ``fig8_subject_miscoverage.png``: each test subject's fraction of brain
+  voxels outside the 90 % interval, per interval and arm, against alpha.
 
 ``report.html`` embeds the images (base64) and the tables (accuracy,
-calibration, coverage and width per region, the spread of the std), and
+calibration, coverage per subject, coverage and width per region, the spread of the std), and
 says which subjects the calibrators were fitted on, so it opens offline
 and can be mailed as one file.
 """
@@ -153,6 +155,59 @@ def figure_calibration(name: str, evaluation: ArmEvaluation, path: Path) -> Path
     return _save(figure, path)
 
 
+#: The level whose per-subject miscoverage the report shows (the calibrators' default ``alpha = 0.1``).
+MISCOVERAGE_LEVEL = "0.9"
+
+
+def figure_subject_miscoverage(arms: dict, path: Path) -> Path:
+    """Fig. 8: each test subject's fraction of brain voxels outside the 90 % interval, per interval and arm, against alpha.
+
+    A subject-level calibrator promises that this fraction's expectation
+    over new subjects is at most alpha (the dashed line); the spread of the
+    points is what one patient can get.
+    """
+    panels = {name: a["subject_miscoverage"] for name, a in arms.items() if a.get("subject_miscoverage")}
+    figure, axes = plt.subplots(1, len(panels), figsize=(0.6 + 2.6 * len(panels), 3.8), squeeze=False,
+                                sharey=True, layout="constrained")
+    rng = np.random.default_rng(0)  # the jitter only; the same figure every time
+    for ax, (name, groups) in zip(axes[0], panels.items()):
+        labels = list(groups)
+        for x, group in enumerate(labels):
+            numbers = groups[group][MISCOVERAGE_LEVEL]
+            values = np.array(list(numbers["per_subject"].values()))
+            ax.scatter(x + rng.uniform(-0.15, 0.15, values.size), values, s=10, alpha=0.7, color=f"C{x}")
+            ax.plot([x - 0.3, x + 0.3], [numbers["mean"]] * 2, color="black", linewidth=1.5)
+        alpha = next(iter(groups.values()))[MISCOVERAGE_LEVEL]["alpha"]
+        ax.axhline(alpha, color="0.4", linestyle="--", linewidth=1, label=f"alpha = {alpha:g}")
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0, 0].set_ylabel(f"fraction of a subject's brain voxels\noutside the {MISCOVERAGE_LEVEL} interval")
+    figure.suptitle("Per-subject miscoverage on the test subjects (bar: mean)", fontsize=10)
+    return _save(figure, path)
+
+
+def miscoverage_table(arms: dict) -> str:
+    """Per arm and interval at 0.9: what it promises, and the test subjects' mean, worst and count above alpha."""
+    rows = []
+    for name, a in arms.items():
+        guarantees = a.get("guarantees", {})
+        for group, levels in a.get("subject_miscoverage", {}).items():
+            numbers = levels[MISCOVERAGE_LEVEL]
+            unit = guarantees.get(group, {}).get("unit") if group != "uncalibrated" else None
+            rows.append([name, group, unit or "none", numbers["mean"], numbers["max"],
+                         f"{numbers['above_alpha']} of {len(numbers['per_subject'])}"])
+    if not rows:
+        return "<p>No per-subject miscoverage was recorded.</p>"
+    note = ("<p>Per test subject, the fraction of its brain voxels whose true intensity lies outside the central "
+            "90 % interval; alpha = 0.1. A calibrator whose promise is about a subject (conformal_risk, risk_control) "
+            "keeps the expected fraction of a new subject at most alpha (risk_control with probability 1 - delta "
+            "over the calibration draw); one whose promise is about a voxel, or that makes none, does not speak of "
+            "subjects at all. The mean is an estimate from the test subjects, not a proof.</p>")
+    return note + _table(["arm", "interval", "promise about", "mean miscoverage", "worst subject",
+                          "subjects above alpha"], rows)
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3g}"
 
@@ -171,6 +226,9 @@ def build_report(out_dir: Path, evaluations: dict[str, ArmEvaluation], document:
     for name, evaluation in evaluations.items():
         figures.append((f"Figs. 6-7: calibration, {name}",
                         figure_calibration(name, evaluation, out_dir / f"fig6_7_calibration_{name}.png")))
+    if any(a.get("subject_miscoverage") for a in document["arms"].values()):
+        figures.append(("Fig. 8: per-subject miscoverage",
+                        figure_subject_miscoverage(document["arms"], out_dir / "fig8_subject_miscoverage.png")))
     page = render_html(document, figures)
     atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
@@ -312,6 +370,7 @@ def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
         f"<p>Errors on the [0, 255] scale inside the brain mask; intensities normalized per slice. {html.escape(ttest_text)}</p>"
         f"<h2>Accuracy and uncertainty</h2>{summary}{spread_table(arms)}"
         f"<h2>Calibration</h2><p>{html.escape(calibration_text(document))}</p>{calibration}"
+        f"<h2>Coverage per subject</h2>{miscoverage_table(arms)}"
         f"<h2>Coverage by region</h2>{region_table(arms)}"
         f"<h2>Per-subject RMSE</h2>{per_subject}<p>{html.escape(baseline_text)}</p><p>Timing: {html.escape(timing)}</p>"
         f"<h2>Figures</h2>{images}</body></html>"

@@ -156,14 +156,8 @@ class Calibrator(BaseEstimator):
         The default, for calibrators that make no promise (isotonic, sigma
         scaling, most plugins): say so rather than imply one.
         """
-        return {
-            "unit": None,
-            "statement": (f"no finite-sample guarantee: {type(self).__name__} is fitted so that intervals at "
-                          f"level {level:g} cover about that share of calibration voxels"),
-            "alpha": 1.0 - float(level),
-            "delta": None,
-            "calibration_subjects": None,
-        }
+        return promise(None, f"no finite-sample guarantee: {type(self).__name__} is fitted so that intervals at "
+                             f"level {level:g} cover about that share of calibration voxels", level)
 
     def required_subjects(self) -> int:
         """The fewest calibration subjects with which this calibrator can give a finite interval (1 unless it counts subjects).
@@ -204,6 +198,14 @@ class Calibrator(BaseEstimator):
                 raise ValueError(f"{name!r} is not a fitted attribute")
             setattr(self, name, value)
         return self
+
+
+def promise(
+    unit: str | None, statement: str, level: float, *, delta: float | None = None, subjects: int | None = None
+) -> dict[str, object]:
+    """A :meth:`Calibrator.guarantee` dict: the keys every promise has, ``alpha`` as ``1 - level`` without round-off."""
+    return {"unit": unit, "statement": statement, "alpha": round(1.0 - float(level), 12),
+            "delta": None if delta is None else float(delta), "calibration_subjects": subjects}
 
 
 def check_inputs(

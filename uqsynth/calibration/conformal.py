@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from uqsynth.calibration import _scale
-from uqsynth.calibration.base import StreamingCalibrator, check_inputs, check_probabilities
+from uqsynth.calibration.base import StreamingCalibrator, check_inputs, check_probabilities, promise
 from uqsynth.calibration.sigma_scaling import SigmaScaling
 from uqsynth.config import Interval, Rule
 
@@ -269,16 +269,10 @@ class ConformalCalibrator(StreamingCalibrator):
 
     def guarantee(self, level: float) -> dict[str, object]:
         """Voxel-level marginal coverage (the class docstring), not a promise about one subject."""
-        return {
-            "unit": "voxel",
-            "statement": (f"a voxel drawn at random from a subject drawn like the calibration subjects lies in its "
-                          f"interval with probability >= {level:g}, if calibration and test voxels are exchangeable "
-                          "(voxels of one image are not, so this holds only approximately, and says nothing "
-                          "about one subject)"),
-            "alpha": 1.0 - float(level),
-            "delta": None,
-            "calibration_subjects": None,
-        }
+        return promise("voxel", f"a voxel drawn at random from a subject drawn like the calibration subjects lies "
+                       f"in its interval with probability >= {level:g}, if calibration and test voxels are "
+                       "exchangeable (voxels of one image are not, so this holds only approximately, and says "
+                       "nothing about one subject)", level)
 
     def interval(self, mean, std, level):
         """``mean ± q_hat(level) * sigma_eff``, holding the truth with probability >= ``level``.

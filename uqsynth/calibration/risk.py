@@ -68,7 +68,7 @@ from scipy.stats import binom
 from sklearn.utils.validation import check_is_fitted
 
 from uqsynth.calibration import _scale
-from uqsynth.calibration.base import StreamingCalibrator, check_inputs, check_probabilities
+from uqsynth.calibration.base import StreamingCalibrator, check_inputs, check_probabilities, promise
 from uqsynth.calibration.conformal import FLOOR_CANDIDATES as _CONFORMAL_FLOORS
 from uqsynth.calibration.conformal import in_scale_share
 from uqsynth.calibration.sigma_scaling import SigmaScaling
@@ -347,6 +347,16 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         rms = float(np.sqrt(np.mean(self.scale(MIDPOINT_LEVELS) ** 2)))
         return mean, self.effective_std(std) * rms
 
+    def guarantee(self, level: float) -> dict[str, object]:
+        """A promise about a new subject's whole brain (the rule's sentence: :meth:`_promise`)."""
+        n = int(self.n_subjects_) if hasattr(self, "n_subjects_") else None
+        return promise("subject", self._promise(level, "n" if n is None else str(n)), level,
+                       delta=getattr(self, "delta", None), subjects=n)
+
+    def _promise(self, level: float, subjects: str) -> str:
+        """The guarantee at ``level`` in one sentence, ``subjects`` being how many calibration subjects there were."""
+        raise NotImplementedError
+
     def fit_report(self) -> dict[str, float]:
         """``floor``, ``fitted_floor``, ``subjects``, and ``scale`` (``lambda_hat``) at the certified ``1 - alpha``."""
         check_is_fitted(self)
@@ -386,15 +396,9 @@ class ConformalRiskControl(SubjectRiskCalibrator):
             n += 1
         return n
 
-    def guarantee(self, level: float) -> dict[str, object]:
-        n = int(self.n_subjects_) if hasattr(self, "n_subjects_") else None
-        return {
-            "unit": "subject",
-            "statement": (f"for a new subject drawn like the {n if n is not None else 'n'} calibration subjects, the "
-                          f"expected fraction of its brain voxels outside the {level:g} interval is at most "
-                          f"{1.0 - level:.3g} (conformal risk control)"),
-            "alpha": 1.0 - float(level), "delta": None, "calibration_subjects": n,
-        }
+    def _promise(self, level: float, subjects: str) -> str:
+        return (f"for a new subject drawn like the {subjects} calibration subjects, the expected fraction of its "
+                f"brain voxels outside the {level:g} interval is at most {1.0 - level:.3g} (conformal risk control)")
 
 
 class RiskControl(SubjectRiskCalibrator):
@@ -435,13 +439,7 @@ class RiskControl(SubjectRiskCalibrator):
             n += 1
         return n
 
-    def guarantee(self, level: float) -> dict[str, object]:
-        n = int(self.n_subjects_) if hasattr(self, "n_subjects_") else None
-        return {
-            "unit": "subject",
-            "statement": (f"with probability at least {1.0 - float(self.delta):.3g} over the draw of the "
-                          f"{n if n is not None else 'n'} calibration subjects, the expected fraction of a new "
-                          f"subject's brain voxels outside the {level:g} interval is at most {1.0 - level:.3g} "
-                          "(risk-controlling prediction sets, Hoeffding-Bentkus bound)"),
-            "alpha": 1.0 - float(level), "delta": float(self.delta), "calibration_subjects": n,
-        }
+    def _promise(self, level: float, subjects: str) -> str:
+        return (f"with probability at least {1.0 - float(self.delta):.3g} over the draw of the {subjects} "
+                f"calibration subjects, the expected fraction of a new subject's brain voxels outside the {level:g} "
+                f"interval is at most {1.0 - level:.3g} (risk-controlling prediction sets, Hoeffding-Bentkus bound)")
