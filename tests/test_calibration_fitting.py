@@ -76,3 +76,32 @@ def test_subject_ids_reach_calibrators_that_ask_and_only_those():
 def test_no_voxels_is_an_error_naming_the_calibrator():
     with pytest.raises(ValueError, match="voxels: no calibration voxels"):
         fit_calibrators({"voxels": VoxelsOnly()}, [])
+
+
+class PerRegionCount(PerSubjectMean):
+    """A Mondrian-style plugin: it asks for region labels too (0 where a subject has none)."""
+
+    def fit(self, mean, std, target, subject=None, regions=None):
+        self.labels_ = dict(zip(*(v.tolist() for v in np.unique(np.asarray(regions), return_counts=True))))
+        return super().fit(mean, std, target, subject=subject)
+
+
+def test_region_labels_reach_calibrators_that_ask_for_them():
+    from uqsynth.calibration.risk import ConformalRiskControl
+
+    batches = subjects(count=12)
+    labelled = [SubjectVoxels(b.subject, b.mean, b.std, b.truth, None if i == 0 else (np.arange(500) % 3))
+                for i, b in enumerate(batches)]
+    calibrators = {"gathered": PerRegionCount(), "mondrian": ConformalRiskControl(regions=2), "voxels": VoxelsOnly()}
+    fit_calibrators(calibrators, labelled)
+    # The subject without labels counts as region 0 (none) in a gathered fit.
+    assert calibrators["gathered"].labels_ == {0: 500 + 11 * 167, 1: 11 * 167, 2: 11 * 166}
+    # Streamed per subject: region 1 and 2 were seen in the 11 labelled subjects, the brain in all 12.
+    mondrian = calibrators["mondrian"]
+    assert int(mondrian.n_subjects_) == 12 and mondrian.region_subjects_.tolist() == [11, 11]
+    mean, std, truth = (np.concatenate([getattr(b, f) for b in labelled]) for f in ("mean", "std", "truth"))
+    ids = np.repeat([b.subject for b in labelled], 500)
+    labels = np.concatenate([np.zeros(500, dtype=int), *[b.regions for b in labelled[1:]]])
+    whole = ConformalRiskControl(regions=2).fit(mean, std, truth, subject=ids, regions=labels)
+    for name, value in whole.summary().items():
+        np.testing.assert_array_equal(mondrian.summary()[name], value, err_msg=name)

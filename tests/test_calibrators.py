@@ -406,7 +406,7 @@ def test_a_calibrator_file_of_the_old_format_is_refused_in_one_line(tmp_path):
                  {"format": "uqsynth-calibrator-1", "calibrator": "isotonic", "arm": "mc",
                   "params": json.dumps({"bins": 10000, "z_max": 100.0})})
     message = _io_error(old)
-    assert "old format 'uqsynth-calibrator-1'" in message and "uqsynth-calibrator-2" in message
+    assert "old format 'uqsynth-calibrator-1'" in message and "uqsynth-calibrator-3" in message
     assert "rerun `uqsynth run`" in message
 
 

@@ -158,6 +158,7 @@ def test_the_run_writes_a_certificate_per_test_subject_and_arm_for_every_fitted_
         for entry in document["intervals"]:
             assert entry["calibrator_sha256"] == sha256(run / arm / "calibrators" / f"{entry['calibrator']}.safetensors")
             assert entry["level"] == 0.9 and entry["mean_width"] > 0
+        assert document["region_names"]["3"] == "white matter"  # the phantom's labels, which Mondrian promises name
         # The run's volume summary is the evaluation's: the same nSTD (what triage ranks by) and mean std.
         row = rows[(arm, document["volume"])]
         assert document["summary"]["nstd"] == pytest.approx(float(row["nstd"]), rel=1e-9)

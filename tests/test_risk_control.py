@@ -151,3 +151,89 @@ def test_the_certificate_of_a_risk_controlled_interval_states_the_subject_level_
     assert entry["mean_width"] is None and entry["infinite_voxels"] == mean.shape[1]
     path = write_certificate(tmp_path / "s_uncertainty.json", {"intervals": [entry]})
     assert json.loads(path.read_text())["intervals"][0]["mean_width"] is None
+
+
+LESION = 2  # region labels of the Mondrian test: 1 the rest of the brain, 2 a lesion
+
+
+def subjects_with_a_lesion(count: int, seed: int) -> tuple[np.ndarray, ...]:
+    """:func:`synthetic_subjects` with a 6 x 6 lesion per subject (14 % of it) where the std is 3 times too small."""
+    mean, std, truth = synthetic_subjects(count, seed)
+    rng = np.random.default_rng(seed + 1000)
+    labels = np.ones(mean.shape, dtype=np.int64)
+    for i, (row, column) in enumerate(rng.integers(0, SIDE - 6, (count, 2))):
+        square = np.zeros((SIDE, SIDE), dtype=bool)
+        square[row : row + 6, column : column + 6] = True
+        labels[i, square.ravel()] = LESION
+    truth = np.where(labels == LESION, mean + 3.0 * (truth - mean), truth)
+    return mean, std, truth, labels
+
+
+def risks_by_region(calibrator, pool, *, with_labels: bool) -> dict[str, float]:
+    """Mean over the pool of the fraction outside the 90 % interval: of the brain, and of the lesion."""
+    mean, std, truth, labels = pool
+    lower, upper = calibrator.interval(mean, std, LEVEL, regions=labels if with_labels else None)
+    outside = (truth < lower) | (truth > upper)
+    lesion = labels == LESION
+    return {"brain": float(outside.mean(axis=1).mean()),
+            "lesion": float(((outside & lesion).sum(axis=1) / lesion.sum(axis=1)).mean()),
+            "width": float(np.mean((upper - lower)[~lesion]))}
+
+
+@pytest.fixture(scope="module")
+def mondrian_draws():
+    bank, pool = subjects_with_a_lesion(BANK, seed=11), subjects_with_a_lesion(POOL, seed=12)
+    summaries = {regions: [ConformalRiskControl(regions=regions).subject_summary(
+        bank[0][i], bank[1][i], bank[2][i], f"sub-{i}", regions=bank[3][i]) for i in range(BANK)] for regions in (0, 2)}
+    rng = np.random.default_rng(13)
+    results = {key: [] for key in ("brain only", "mondrian", "mondrian with labels", "rcps mondrian")}
+    for _ in range(MONDRIAN_DRAWS):
+        chosen = rng.choice(BANK, PER_DRAW, replace=False)
+        joined = {regions: combine_subject_summaries([parts[i] for i in chosen]) for regions, parts in summaries.items()}
+        brain_only = ConformalRiskControl(alpha=ALPHA).load_summary(joined[0])
+        mondrian = ConformalRiskControl(alpha=ALPHA, regions=2).load_summary(joined[2])
+        rcps = RiskControl(alpha=ALPHA, delta=DELTA, regions=2).load_summary(joined[2])
+        results["brain only"].append(risks_by_region(brain_only, pool, with_labels=False))
+        results["mondrian"].append(risks_by_region(mondrian, pool, with_labels=False))
+        results["mondrian with labels"].append(risks_by_region(mondrian, pool, with_labels=True))
+        results["rcps mondrian"].append(risks_by_region(rcps, pool, with_labels=False))
+    out = {key: {part: np.array([r[part] for r in rows]) for part in rows[0]} for key, rows in results.items()}
+    for key, parts in out.items():  # shown with -s, and in the issue's note
+        print(f"{key}: " + ", ".join(f"{part} {values.mean():.4f}" for part, values in parts.items()))
+    return out
+
+
+MONDRIAN_DRAWS = 100
+
+
+def below_alpha(values: np.ndarray) -> bool:
+    return values.mean() <= ALPHA + 3.0 * values.std(ddof=1) / np.sqrt(values.size)
+
+
+def test_one_scale_per_region_keeps_the_promise_inside_the_lesion_too(mondrian_draws):
+    # One scale for the brain keeps the brain's promise and breaks the lesion's: its std is 3 times too small there.
+    assert below_alpha(mondrian_draws["brain only"]["brain"])
+    assert mondrian_draws["brain only"]["lesion"].mean() > 2 * ALPHA
+    # Mondrian, on a new volume without labels (the largest scale): both promises hold.
+    for key in ("mondrian", "mondrian with labels"):
+        assert below_alpha(mondrian_draws[key]["brain"]), key
+        assert below_alpha(mondrian_draws[key]["lesion"]), key
+    # Knowing the labels spends the lesion's width on the lesion only: narrower elsewhere.
+    assert (mondrian_draws["mondrian with labels"]["width"] < mondrian_draws["mondrian"]["width"]).all()
+    # RCPS per region: the lesion's risk exceeds alpha in at most delta of the draws.
+    exceeded = float(np.mean(mondrian_draws["rcps mondrian"]["lesion"] > ALPHA))
+    assert exceeded <= DELTA + 3.0 * np.sqrt(DELTA * (1.0 - DELTA) / MONDRIAN_DRAWS)
+
+
+def test_a_region_too_few_subjects_had_gets_no_promise_of_its_own():
+    mean, std, truth, labels = subjects_with_a_lesion(30, seed=21)
+    labels[5:, :] = np.where(labels[5:] == LESION, 1, labels[5:])  # only 5 subjects have a lesion
+    subject = np.repeat(np.arange(30), mean.shape[1])
+    calibrator = ConformalRiskControl(regions=2).fit(mean.ravel(), std.ravel(), truth.ravel(), subject=subject,
+                                                     regions=labels.ravel())
+    assert list(calibrator.region_subjects_) == [30, 5] and calibrator.certified_regions() == [1]
+    guarantee = calibrator.guarantee(LEVEL)
+    assert guarantee["regions"] == {"certified": {"1": 30}, "without_promise": [2]}
+    assert "each region label (1)" in guarantee["statement"]
+    # Its voxels keep the whole brain's finite scale rather than an infinite one.
+    assert np.isfinite(calibrator.scale(LEVEL)) and calibrator.scale(LEVEL, LESION) == calibrator.scale(LEVEL, 0)

@@ -115,6 +115,7 @@ def certificate(
     std: np.ndarray,
     intervals: Sequence[Mapping[str, object]],
     maps: Mapping[str, str] | None = None,
+    region_names: Mapping[int, str] | None = None,
 ) -> dict[str, object]:
     """The certificate of one volume's map set, JSON-ready.
 
@@ -127,6 +128,8 @@ def certificate(
         std: The total std over the brain voxels (normalized scale).
         intervals: :func:`interval_entry` dicts.
         maps: Map name -> file name beside the certificate, where it sits beside maps.
+        region_names: Region label -> name, where the volume's dataset labels regions (what a
+            Mondrian calibrator's per-region promises, keyed by label, are about).
     """
     document: dict[str, object] = {
         "format": FORMAT,
@@ -139,6 +142,8 @@ def certificate(
     }
     if maps is not None:
         document["maps"] = dict(maps)
+    if region_names:
+        document["region_names"] = {str(label): str(name) for label, name in sorted(region_names.items())}
     return document
 
 

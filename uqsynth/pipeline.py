@@ -309,8 +309,9 @@ def stage_calibrate(context: RunContext) -> None:
                 if not brain.any():
                     continue
                 degenerate += int((maps["std"][brain] < STD_FLOOR).sum())
-                truth = evaluation.normalized_target()
-                yield SubjectVoxels(subject_id, maps["mean"][brain], maps["std"][brain], truth[brain])
+                truth, regions = evaluation.normalized_target(), evaluation.native_regions()
+                yield SubjectVoxels(subject_id, maps["mean"][brain], maps["std"][brain], truth[brain],
+                                    None if regions is None else regions[brain])
 
         voxels = fit_calibrators(calibrators, subject_voxels(), world)
         voxels, degenerate = (int(v) for v in world.all_reduce_sum(np.array([voxels, degenerate])))
@@ -355,7 +356,8 @@ def stage_certify(context: RunContext) -> None:
         fitted[arm_name] = [(path, *load_calibrator(path, arm=arm_name)) for path in files if path.is_file()]
     started, written = time.perf_counter(), 0
     for subject_id in world.shard(context.split.test):
-        brain = EvalVolume(context.dataset.load(subject_id), image_size=config.data.image_size).native_mask()
+        volumes = context.dataset.load(subject_id)
+        brain = EvalVolume(volumes, image_size=config.data.image_size).native_mask()
         for arm_name, arm in config.arms.items():
             predictions = context.out_dir / arm_name / "predictions"
             mean = read_prediction(predictions / f"{subject_id}_mean.nii.gz")[brain]
@@ -372,6 +374,7 @@ def stage_certify(context: RunContext) -> None:
                 volume=subject_id, arm=arm_name, generator_file=context.out_dir / arm_name / GENERATOR_WEIGHTS,
                 likelihood=arm.likelihood.name, samples=config.sampling.samples, seed=config.run.seed, std=std,
                 intervals=entries, maps={name: f"{subject_id}_{name}.nii.gz" for name in PREDICTED_MAPS},
+                region_names=volumes.region_names if volumes.regions is not None else None,
             )
             write_certificate(certificate_path(predictions, subject_id), document)
             written += 1

@@ -57,6 +57,86 @@ def in_scale_share(mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> np.
     return hashed < np.uint64(int(SCALE_SHARE * 2.0**64))
 
 
+def upper_bin(scores: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """The first bin whose upper edge is >= each score (so replacing it by that edge never makes it smaller).
+
+    ``np.searchsorted(upper[:-1], scores, side="left")`` for log-spaced edges
+    (``upper``: ``bins + 1`` of them from ``low`` to ``high``, then ``+inf``),
+    computed from the log of the score and then corrected by exact
+    comparisons with the edges: the same bins, several times faster.
+    """
+    edges = upper[:-1]
+    low, step = edges[0], np.log(edges[-1] / edges[0]) / (edges.size - 1)
+    with np.errstate(divide="ignore"):
+        guess = np.ceil(np.log(np.maximum(scores, 0.0) / low) / step)
+    index = np.clip(np.nan_to_num(guess, nan=0.0, neginf=0.0, posinf=edges.size), 0, edges.size).astype(np.int64)
+    # Exact: index is the first i with edges[i] >= score; the guess is off by at most one either way.
+    above = index < edges.size
+    index[above] += scores[above] > edges[index[above]]
+    below = index > 0
+    index[below] -= scores[below] <= edges[index[below] - 1]
+    return index
+
+
+def floor_share_histograms(
+    mean: np.ndarray,
+    std: np.ndarray,
+    target: np.ndarray,
+    floors: np.ndarray,
+    upper: np.ndarray,
+    labels: np.ndarray | None = None,
+    slots: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The summary of the split of :class:`ConformalCalibrator` (and of the subject-level calibrators).
+
+    Voxels outside :func:`in_scale_share` are scored ``|y - mean| / sqrt(std^2
+    + floor^2)`` for every candidate floor and counted by :func:`upper_bin`;
+    the share's voxels are counted by std and standardized residual, for
+    fitting the floor (:func:`nearest_floor`).
+
+    Args:
+        mean, std, target: 1D arrays of voxels.
+        floors: Candidate floors.
+        upper: Upper bin edges (``upper_edges()``).
+        labels: Integer region label per voxel, for per-region histograms, or None.
+        slots: Region labels ``1..slots`` get histograms of their own.
+
+    Returns:
+        ``counts`` of shape ``(1 + slots, len(floors), len(upper))``, slot 0 holding
+        every scored voxel and slot ``r`` those labelled ``r``; and the floor share's ``scale_counts``.
+    """
+    share = in_scale_share(mean, std, target)
+    residual, scored_std = np.abs(target - mean)[~share], std[~share]
+    slot = np.zeros(residual.size, dtype=np.int64)
+    if labels is not None and slots:
+        scored_labels = np.asarray(labels).ravel()[~share]
+        slot = np.where((scored_labels >= 1) & (scored_labels <= slots), scored_labels, 0).astype(np.int64)
+    counts = np.zeros((1 + slots, floors.size, upper.size), dtype=np.int64)
+    for k, floor in enumerate(floors):
+        index = upper_bin(residual / np.hypot(scored_std, floor), upper)
+        by_slot = np.bincount(slot * upper.size + index, minlength=(1 + slots) * upper.size).reshape(1 + slots, -1)
+        counts[0, k] = by_slot.sum(axis=0)  # every voxel: slot 0 held those without a tracked label
+        counts[1:, k] = by_slot[1:]
+    positive = SigmaScaling.positive_edges()
+    rows = _scale.sigma_rows(std[share])
+    z = _scale.coordinate(mean[share], std[share], target[share], rows)
+    return counts, _scale.histogram2d(rows, _scale.positive_bin(z, positive), positive.size)
+
+
+def nearest_floor(scale_counts: np.ndarray, floors: np.ndarray) -> tuple[float, int]:
+    """The floor ``c / s`` fitted on the share's histogram, and the index of the nearest candidate in log.
+
+    With no voxel to fit it on, the geometric middle of the candidates: any
+    floor keeps the guarantees, only widths depend on it.
+    """
+    if int(np.sum(scale_counts)) > 0:
+        fit = _scale.fit_scale(scale_counts, SigmaScaling.positive_edges())
+        fitted = fit.c / max(fit.s, 1e-300)
+    else:
+        fitted = float(np.sqrt(floors[0] * floors[-1]))
+    return fitted, int(np.argmin(np.abs(np.log(floors) - np.log(fitted))))
+
+
 class ConformalCalibrator(StreamingCalibrator):
     """Split conformal intervals ``mean ± q_hat * sigma_eff`` with ``sigma_eff = sqrt(std^2 + floor_^2)``.
 
@@ -149,48 +229,15 @@ class ConformalCalibrator(StreamingCalibrator):
         edges = np.geomspace(float(self.low), float(self.high), int(self.bins) + 1)
         return np.concatenate([edges, [np.inf]])
 
-    def _upper_bin(self, scores: np.ndarray, upper: np.ndarray) -> np.ndarray:
-        """The first bin whose upper edge is >= each score (so replacing it by that edge never makes it smaller).
-
-        ``np.searchsorted(upper[:-1], scores, side="left")``, computed from the
-        log of the score (the edges are log-spaced) and then corrected by
-        exact comparisons with the edges: the same bins, several times faster.
-        """
-        edges = upper[:-1]
-        step = np.log(float(self.high) / float(self.low)) / int(self.bins)
-        with np.errstate(divide="ignore"):
-            guess = np.ceil(np.log(np.maximum(scores, 0.0) / float(self.low)) / step)
-        index = np.clip(np.nan_to_num(guess, nan=0.0, neginf=0.0, posinf=edges.size), 0, edges.size).astype(np.int64)
-        # Exact: index is the first i with edges[i] >= score; the guess is off by at most one either way.
-        above = index < edges.size
-        index[above] += scores[above] > edges[index[above]]
-        below = index > 0
-        index[below] -= scores[below] <= edges[index[below] - 1]
-        return index
-
     # --- streaming ---------------------------------------------------------------------------
 
     def _summarize(self, mean, std, target):
-        mean, std, target = mean.ravel(), std.ravel(), target.ravel()
-        upper = self.upper_edges()
-        share = in_scale_share(mean, std, target)
-        residual, scored_std = np.abs(target - mean)[~share], std[~share]
-        counts = np.zeros((FLOOR_CANDIDATES.size, upper.size), dtype=np.int64)
-        for k, floor in enumerate(FLOOR_CANDIDATES):
-            counts[k] = np.bincount(self._upper_bin(residual / np.hypot(scored_std, floor), upper), minlength=upper.size)
-        positive = SigmaScaling.positive_edges()
-        rows = _scale.sigma_rows(std[share])
-        z = _scale.coordinate(mean[share], std[share], target[share], rows)
-        scale_counts = _scale.histogram2d(rows, _scale.positive_bin(z, positive), positive.size)
-        return {"counts_": counts, "scale_counts_": scale_counts}
+        counts, scale_counts = floor_share_histograms(mean.ravel(), std.ravel(), target.ravel(), FLOOR_CANDIDATES,
+                                                      self.upper_edges())
+        return {"counts_": counts[0], "scale_counts_": scale_counts}
 
     def _finalize(self) -> None:
-        if int(np.sum(self.scale_counts_)) > 0:
-            fit = _scale.fit_scale(self.scale_counts_, SigmaScaling.positive_edges())
-            fitted = fit.c / max(fit.s, 1e-300)
-        else:  # no voxel to fit it on: any floor keeps the guarantee
-            fitted = float(np.sqrt(FLOOR_CANDIDATES[0] * FLOOR_CANDIDATES[-1]))
-        index = int(np.argmin(np.abs(np.log(FLOOR_CANDIDATES) - np.log(fitted))))
+        fitted, index = nearest_floor(self.scale_counts_, FLOOR_CANDIDATES)
         self.fitted_floor_ = np.asarray(fitted)
         self.floor_ = np.asarray(FLOOR_CANDIDATES[index])
         self.floor_index_ = np.asarray(index, dtype=np.int64)

@@ -15,7 +15,9 @@ it, as scikit-learn passes ``sample_weight`` only to estimators whose
 with a ``subject`` parameter gets the subject's id with each batch (``fit``:
 one id per voxel), so a calibrator whose unit is the subject, not the
 voxel, can be written as a plugin; calibrators without it are called as
-before, unchanged.
+before, unchanged. A ``regions`` parameter likewise gets each voxel's region
+label (None, or 0 in ``fit``, for subjects without labels): Mondrian
+calibrators give each region its own scale.
 """
 
 from __future__ import annotations
@@ -32,20 +34,39 @@ from uqsynth.distributed import SINGLE, World, all_reduce_calibrator
 
 @dataclass(frozen=True)
 class SubjectVoxels:
-    """One calibration subject's brain voxels: predictive mean and std, and the truth (1D arrays)."""
+    """One calibration subject's brain voxels: predictive mean and std, the truth, and region labels (1D arrays).
+
+    ``regions`` is None for a subject whose dataset labels no regions.
+    """
 
     subject: str
     mean: np.ndarray
     std: np.ndarray
     truth: np.ndarray
+    regions: np.ndarray | None = None
+
+
+def takes_parameter(method, name: str) -> bool:
+    """Whether a calibrator's ``partial_fit`` or ``fit`` has a parameter ``name`` (then it is given that)."""
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # a builtin or a callable without a signature
+        return False
 
 
 def takes_subjects(method) -> bool:
     """Whether a calibrator's ``partial_fit`` or ``fit`` has a ``subject`` parameter (then it is given the ids)."""
-    try:
-        return "subject" in inspect.signature(method).parameters
-    except (TypeError, ValueError):  # a builtin or a callable without a signature
-        return False
+    return takes_parameter(method, "subject")
+
+
+def _extra(method, batch: SubjectVoxels) -> dict[str, object]:
+    """The keyword arguments a calibrator's method asks for: the subject's id, its region labels."""
+    extra: dict[str, object] = {}
+    if takes_subjects(method):
+        extra["subject"] = batch.subject
+    if takes_parameter(method, "regions"):
+        extra["regions"] = batch.regions
+    return extra
 
 
 def fit_calibrators(
@@ -64,10 +85,8 @@ def fit_calibrators(
         for name, calibrator in calibrators.items():
             if name in gathered:
                 gathered[name].append(batch)
-            elif takes_subjects(calibrator.partial_fit):
-                calibrator.partial_fit(batch.mean, batch.std, batch.truth, subject=batch.subject)
             else:
-                calibrator.partial_fit(batch.mean, batch.std, batch.truth)
+                calibrator.partial_fit(batch.mean, batch.std, batch.truth, **_extra(calibrator.partial_fit, batch))
         voxels += int(batch.mean.size)
     for name, calibrator in calibrators.items():
         if name not in gathered:
@@ -80,9 +99,11 @@ def fit_calibrators(
         if not batches:
             raise ValueError(f"{name}: no calibration voxels to fit on")
         arrays = [np.concatenate([getattr(b, field) for b in batches]) for field in ("mean", "std", "truth")]
+        extra: dict[str, object] = {}
         if takes_subjects(calibrator.fit):
-            ids = np.concatenate([np.full(b.mean.size, b.subject, dtype=object) for b in batches])
-            calibrator.fit(*arrays, subject=ids)
-        else:
-            calibrator.fit(*arrays)
+            extra["subject"] = np.concatenate([np.full(b.mean.size, b.subject, dtype=object) for b in batches])
+        if takes_parameter(calibrator.fit, "regions"):  # 0, no region, for subjects without labels
+            extra["regions"] = np.concatenate([np.zeros(b.mean.size, dtype=np.int64) if b.regions is None
+                                               else np.asarray(b.regions, dtype=np.int64) for b in batches])
+        calibrator.fit(*arrays, **extra)
     return voxels

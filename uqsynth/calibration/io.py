@@ -16,6 +16,9 @@ loaded half-stale. ``uqsynth-calibrator-2``: the built-in calibrators fit a
 floor ``c`` of an effective scale ``sqrt((s std)^2 + c^2)`` (so a zero std
 has a width) and their summaries hold histograms by std; a
 ``uqsynth-calibrator-1`` file (state of ``r / std`` alone) is refused.
+``uqsynth-calibrator-3``: the subject-level calibrators' histograms have a
+region axis (Mondrian, :mod:`uqsynth.calibration.risk`); a ``-2`` file is
+refused, and a run resumed on it fits its calibrators again.
 Within a version a streaming calibrator is refitted from its saved summary
 when loaded (:meth:`StreamingCalibrator.load_fitted_state`), which also
 refuses a summary of the wrong names or shapes.
@@ -33,11 +36,12 @@ from uqsynth.calibration.base import Calibrator
 from uqsynth.errors import DataError, PluginError, first_line
 from uqsynth.model_files import load_tensors, save_tensors
 
-FORMAT = "uqsynth-calibrator-2"
+FORMAT = "uqsynth-calibrator-3"
 
 #: Earlier formats, refused with a line saying what changed.
 _OLD_FORMATS = {
     "uqsynth-calibrator-1": "written before calibrators fitted a floor for zero std",
+    "uqsynth-calibrator-2": "written before subject-level calibrators kept histograms per region",
 }
 
 

@@ -49,6 +49,17 @@ independent of the calibration draw; its dependence on any one subject is
 of order ``1 / n``, and the split test (``tests/test_risk_control.py``)
 measures the guarantees with it in place.
 
+Regions (Mondrian; Teneggi et al. 2023 let the scale vary by region too).
+With ``regions = K`` each subject also gets histograms of its voxels of
+each label ``1..K``, and each label its own scale, certified on the
+subjects that have it: "the expected fraction of a new subject's lesion
+voxels outside is at most alpha" as well as of its brain. A voxel whose
+label is known gets the larger of the brain's and its region's scale,
+which keeps both promises (a larger scale never adds misses); a volume
+without labels (a new patient, no segmentation) gets the largest scale of
+all, which keeps every region's. A region fewer subjects had than the rule
+needs has no promise of its own, and its voxels keep the brain's.
+
 Levels. The summary holds every subject's whole loss curve, so an interval
 at any level ``a`` is calibrated at ``alpha = 1 - a`` by the same rule; the
 ``alpha`` parameter is the level the run certifies (the certificate, and
@@ -67,11 +78,9 @@ from scipy.special import xlogy
 from scipy.stats import binom
 from sklearn.utils.validation import check_is_fitted
 
-from uqsynth.calibration import _scale
 from uqsynth.calibration.base import StreamingCalibrator, check_inputs, check_probabilities, promise
 from uqsynth.calibration.conformal import FLOOR_CANDIDATES as _CONFORMAL_FLOORS
-from uqsynth.calibration.conformal import in_scale_share
-from uqsynth.calibration.sigma_scaling import SigmaScaling
+from uqsynth.calibration.conformal import floor_share_histograms, nearest_floor
 from uqsynth.config import Interval, Rule
 
 #: Candidate floors (units of the target): two per decade from 1e-6 to 1e4.
@@ -128,15 +137,27 @@ class SubjectRiskCalibrator(StreamingCalibrator):
     or one per voxel. ``fit`` without it is refused: the voxels' subjects
     are what this calibrator is about.
 
+    Args:
+        alpha: The miscoverage the run certifies (its certificate, and the subjects it needs).
+        bins, low, high: The score histograms' log-spaced bins over ``[low, high]``.
+        regions: Mondrian: labels ``1..regions`` of the voxels' regions (the
+            dataset's: phantom tissues, a BraTS segmentation) get a scale of
+            their own, so the promise also holds inside each region, e.g. the
+            lesion. 0 (default): one scale for the whole brain.
+
     Attributes:
-        counts_: Score histograms, shape ``(subjects, len(FLOOR_CANDIDATES), bins + 2)``.
+        counts_: Score histograms, shape ``(subjects, 1 + regions, len(FLOOR_CANDIDATES), bins + 2)``:
+            the whole brain, then each tracked region label.
         subject_keys_: :func:`subject_key` of each row's subject.
         scale_counts_: The floor's share by std row and ``|z|`` bin (as conformal's).
         n_: Number of calibration voxels (both shares).
         floor_, fitted_floor_, floor_index_: The floor used, as fitted, and its candidate index.
         n_subjects_: Subjects with scored voxels.
-        risk_: Mean loss over subjects at each finite upper bin edge.
-        certified_alpha_: The smallest ``alpha`` certified at each edge (non-increasing).
+        risk_: Mean loss over subjects at each finite upper bin edge (whole brain).
+        region_subjects_: Per tracked label, the subjects that had voxels of it.
+        region_certified_alpha_: The smallest ``alpha`` certified at each edge, whole brain then each label.
+        certified_alpha_: At each edge, the largest of the whole brain's and the certified regions'
+            (non-increasing): what label-free intervals use.
     """
 
     _summary_names = ("counts_", "subject_keys_", "scale_counts_", "n_")
@@ -149,11 +170,13 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         bins: Annotated[int, Interval(1, None)] = 500,
         low: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-3,
         high: Annotated[float, Interval(0.0, None, closed="neither")] = 1e4,
+        regions: Annotated[int, Interval(0, 64)] = 0,
     ) -> None:
         self.alpha = alpha
         self.bins = bins
         self.low = low
         self.high = high
+        self.regions = regions
 
     # --- the rule (subclasses) ---------------------------------------------------------------
 
@@ -169,21 +192,12 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         edges = np.geomspace(float(self.low), float(self.high), int(self.bins) + 1)
         return np.concatenate([edges, [np.inf]])
 
-    def _subject_summary(self, mean: np.ndarray, std: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
-        upper = self.upper_edges()
-        share = in_scale_share(mean, std, target)
-        residual, scored_std = np.abs(target - mean)[~share], std[~share]
-        counts = np.zeros((1, FLOOR_CANDIDATES.size, upper.size), dtype=np.int64)
-        for k, floor in enumerate(FLOOR_CANDIDATES):
-            scores = residual / np.hypot(scored_std, floor)
-            counts[0, k] = np.bincount(np.searchsorted(upper[:-1], scores, side="left"), minlength=upper.size)
-        positive = SigmaScaling.positive_edges()
-        rows = _scale.sigma_rows(std[share])
-        z = _scale.coordinate(mean[share], std[share], target[share], rows)
-        scale_counts = _scale.histogram2d(rows, _scale.positive_bin(z, positive), positive.size)
-        return {"counts_": counts, "scale_counts_": scale_counts, "n_": np.asarray(mean.size, dtype=np.int64)}
+    def _subject_summary(self, mean, std, target, labels=None) -> dict[str, np.ndarray]:
+        counts, scale_counts = floor_share_histograms(mean, std, target, FLOOR_CANDIDATES, self.upper_edges(),
+                                                      labels=labels, slots=int(self.regions))
+        return {"counts_": counts[None], "scale_counts_": scale_counts, "n_": np.asarray(mean.size, dtype=np.int64)}
 
-    def subject_summary(self, mean, std, target, subject: object) -> dict[str, np.ndarray]:
+    def subject_summary(self, mean, std, target, subject: object, regions=None) -> dict[str, np.ndarray]:
         """The summary of one subject's voxels, without fitting (for :func:`combine_subject_summaries`).
 
         Why public: experiments that refit on many subsets of subjects (the
@@ -192,9 +206,22 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         """
         self._validate_params()
         mean, std, target = (array.ravel() for array in check_inputs(mean, std, target))
-        part = self._subject_summary(mean, std, target)
+        part = self._subject_summary(mean, std, target, self._labels(regions, mean.shape))
         part["subject_keys_"] = np.asarray([subject_key(subject)], dtype=np.int64)
         return part
+
+    def _labels(self, regions, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Region labels as a 1D integer array of the voxels' shape, or None (no labels, or none tracked)."""
+        if regions is None or not int(self.regions):
+            return None
+        labels = np.asarray(regions)
+        if labels.shape != shape and labels.size != int(np.prod(shape)):
+            raise ValueError(f"regions has shape {labels.shape}; expected one label per voxel {shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            if not np.array_equal(labels, np.round(labels)):
+                raise ValueError("regions must be whole-number labels")
+            labels = labels.astype(np.int64)
+        return labels.ravel()
 
     def empty_summary(self) -> dict[str, np.ndarray]:
         """The summary of no subjects: zero rows of histograms, an empty floor histogram."""
@@ -202,16 +229,20 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         return {"counts_": part["counts_"][:0], "subject_keys_": np.zeros(0, dtype=np.int64),
                 "scale_counts_": part["scale_counts_"], "n_": np.asarray(0, dtype=np.int64)}
 
-    def fit(self, mean, std, target, subject=None) -> SubjectRiskCalibrator:
-        """Forget any previous fit and learn from these voxels, ``subject`` giving each one's subject."""
+    def fit(self, mean, std, target, subject=None, regions=None) -> SubjectRiskCalibrator:
+        """Forget any previous fit and learn from these voxels, ``subject`` giving each one's subject.
+
+        ``regions``: each voxel's region label, used when the ``regions``
+        parameter tracks labels (``1..regions``); None for subjects without labels.
+        """
         if subject is None:
             raise ValueError(f"{type(self).__name__} calibrates on whole subjects: pass subject= "
                              "(one id per voxel, or one for the batch)")
         for name in [name for name in vars(self) if name.endswith("_") and not name.startswith("_")]:
             delattr(self, name)
-        return self.partial_fit(mean, std, target, subject=subject)
+        return self.partial_fit(mean, std, target, subject=subject, regions=regions)
 
-    def partial_fit(self, mean, std, target, subject=None) -> SubjectRiskCalibrator:
+    def partial_fit(self, mean, std, target, subject=None, regions=None) -> SubjectRiskCalibrator:
         """Add voxels of one subject (``subject`` an id) or several (one id per voxel); return ``self``."""
         if subject is None:
             raise ValueError(f"{type(self).__name__} calibrates on whole subjects: pass subject= "
@@ -225,12 +256,14 @@ class SubjectRiskCalibrator(StreamingCalibrator):
             ids = np.full(mean.shape, ids.item(), dtype=object)
         elif ids.shape != mean.shape:
             raise ValueError(f"subject has shape {ids.shape}; expected one id, or one per voxel {mean.shape}")
+        labels = self._labels(regions, mean.shape)
         mean, std, target, ids = mean.ravel(), std.ravel(), target.ravel(), ids.ravel()
         parts = [self.summary()] if hasattr(self, "n_") else []
         names = np.asarray([str(i) for i in ids])
         for name in np.unique(names):
             chosen = names == name
-            part = self._subject_summary(mean[chosen], std[chosen], target[chosen])
+            part = self._subject_summary(mean[chosen], std[chosen], target[chosen],
+                                         None if labels is None else labels[chosen])
             part["subject_keys_"] = np.asarray([subject_key(name)], dtype=np.int64)
             parts.append(part)
         return self.load_summary(combine_subject_summaries(parts))
@@ -248,7 +281,7 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         if set(summary) != set(expected):
             raise ValueError(f"summary needs exactly {sorted(expected)}, got {sorted(summary)}")
         counts, keys = np.asarray(summary["counts_"]), np.asarray(summary["subject_keys_"])
-        if counts.ndim != 3 or counts.shape[1:] != expected["counts_"].shape[1:] or keys.shape != counts.shape[:1]:
+        if counts.ndim != 4 or counts.shape[1:] != expected["counts_"].shape[1:] or keys.shape != counts.shape[:1]:
             raise ValueError(f"summary counts_ has shape {counts.shape} with {keys.shape} subject keys, but "
                              f"{type(self).__name__} with {self.get_params()} needs (subjects, "
                              f"{', '.join(map(str, expected['counts_'].shape[1:]))}); call fit to start over")
@@ -265,41 +298,73 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         return self
 
     def _finalize(self) -> None:
-        if int(np.sum(self.scale_counts_)) > 0:
-            fit = _scale.fit_scale(self.scale_counts_, SigmaScaling.positive_edges())
-            fitted = fit.c / max(fit.s, 1e-300)
-        else:
-            fitted = float(np.sqrt(FLOOR_CANDIDATES[0] * FLOOR_CANDIDATES[-1]))
-        index = int(np.argmin(np.abs(np.log(FLOOR_CANDIDATES) - np.log(fitted))))
+        fitted, index = nearest_floor(self.scale_counts_, FLOOR_CANDIDATES)
         self.fitted_floor_ = np.asarray(fitted)
         self.floor_ = np.asarray(FLOOR_CANDIDATES[index])
         self.floor_index_ = np.asarray(index, dtype=np.int64)
-        counts = np.asarray(self.counts_)[:, index, :]
-        voxels = counts.sum(axis=1)
-        counts = counts[voxels > 0]
-        self.n_subjects_ = np.asarray(counts.shape[0], dtype=np.int64)
-        if counts.shape[0] == 0:
+        slots = np.asarray(self.counts_)[:, :, index, :]  # (subjects, 1 + regions, bins + 2)
+        risk, certified, subjects = [], [], []
+        for slot in range(slots.shape[1]):
+            # Slot 0 is the whole brain; slot r the voxels labelled r, of the subjects that have any.
+            counts = slots[:, slot, :]
+            counts = counts[counts.sum(axis=1) > 0]
+            subjects.append(counts.shape[0])
+            if counts.shape[0] == 0:
+                risk.append(np.zeros(slots.shape[2] - 1))
+                certified.append(np.ones(slots.shape[2] - 1))
+                continue
+            # Loss of each subject at edge j: the share of its scores whose bin lies above edge j.
+            outside = 1.0 - np.cumsum(counts, axis=1)[:, :-1] / counts.sum(axis=1, keepdims=True)
+            risk.append(np.clip(outside, 0.0, 1.0).mean(axis=0))
+            curve = self.certified_risk(risk[-1], counts.shape[0])
+            certified.append(np.maximum.accumulate(curve[::-1])[::-1])  # "for every larger scale too"
+        if subjects[0] == 0:
             raise ValueError("no subject has voxels to score")
-        # Loss of each subject at edge j: the share of its scores whose bin lies above edge j.
-        outside = 1.0 - np.cumsum(counts, axis=1)[:, :-1] / counts.sum(axis=1, keepdims=True)
-        self.risk_ = np.clip(outside, 0.0, 1.0).mean(axis=0)
-        certified = self.certified_risk(self.risk_, int(self.n_subjects_))
-        # "for every larger scale too": a running maximum from the top.
-        self.certified_alpha_ = np.maximum.accumulate(certified[::-1])[::-1]
+        self.n_subjects_ = np.asarray(subjects[0], dtype=np.int64)
+        self.region_subjects_ = np.asarray(subjects[1:], dtype=np.int64)
+        self.risk_ = risk[0]
+        self.region_certified_alpha_ = np.asarray(certified)  # (1 + regions, edges); slot 0 the whole brain
+        # Label-free intervals keep every promise at once: at each scale, the largest certified risk of
+        # the whole brain and of every region the calibration subjects had enough of (certifiable).
+        kept = [0, *(1 + np.flatnonzero(self.certified_regions_mask()))]
+        self.certified_alpha_ = self.region_certified_alpha_[kept].max(axis=0)
 
     # --- intervals ---------------------------------------------------------------------------
+
+    def certified_regions_mask(self) -> np.ndarray:
+        """Per tracked label ``1..regions``: did enough calibration subjects have it (:meth:`required_subjects`)?
+
+        A region too few subjects had gets no promise of its own (its voxels
+        keep the whole-brain one) rather than infinite intervals for everyone.
+        """
+        return np.asarray(self.region_subjects_) >= self.required_subjects()
+
+    def certified_regions(self) -> list[int]:
+        """The region labels with a promise of their own."""
+        check_is_fitted(self)
+        return [int(label) for label in 1 + np.flatnonzero(self.certified_regions_mask())]
 
     def effective_std(self, std: np.ndarray) -> np.ndarray:
         """``sigma_eff = sqrt(std^2 + floor_^2)``, > 0 for every std >= 0."""
         check_is_fitted(self)
         return np.hypot(np.asarray(std, dtype=np.float64), float(self.floor_))
 
-    def scale(self, level: float | np.ndarray) -> np.ndarray:
-        """``lambda_hat`` for central intervals at ``level``: the smallest edge certified at ``1 - level``; inf if none."""
+    def scale(self, level: float | np.ndarray, region: int | None = None) -> np.ndarray:
+        """``lambda_hat`` for central intervals at ``level``: the smallest edge certified at ``1 - level``; inf if none.
+
+        ``region`` None: the scale that keeps every promise (whole brain and
+        every certified region; what a volume without labels gets). A label:
+        the larger of the whole brain's scale and that region's own (the
+        whole brain's alone for a label without a promise of its own).
+        """
         check_is_fitted(self)
         level = np.round(np.asarray(level, dtype=np.float64), _LEVEL_DECIMALS)
         alpha = np.round(1.0 - level, _LEVEL_DECIMALS)
         certified = np.asarray(self.certified_alpha_)
+        if region is not None:
+            table = np.asarray(self.region_certified_alpha_)
+            own = 0 < int(region) <= int(self.regions) and bool(self.certified_regions_mask()[int(region) - 1])
+            certified = np.maximum(table[0], table[int(region)]) if own else table[0]
         edges = self.upper_edges()[:-1]
         ok = certified[None, :] <= alpha.reshape(-1, 1)
         first = np.argmax(ok, axis=1)
@@ -329,13 +394,24 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         mean, std, _ = check_inputs(mean, std, q, other_name="q")
         return mean + self.effective_std(std) * offset
 
-    def interval(self, mean, std, level):
-        """``mean ± lambda_hat(level) * sigma_eff``: the subject-level guarantee at ``alpha = 1 - level``."""
+    def interval(self, mean, std, level, regions=None):
+        """``mean ± lambda_hat(level) * sigma_eff``: the subject-level guarantee at ``alpha = 1 - level``.
+
+        With ``regions`` (each voxel's label) a voxel gets its region's scale
+        (:meth:`scale`); without, every voxel the scale that keeps every
+        region's promise, which is what a new volume without a segmentation needs.
+        """
         if not 0.0 < level < 1.0:
             raise ValueError(f"level must be in (0, 1), got {level}")
         check_is_fitted(self)
         mean, std, _ = check_inputs(mean, std, 0.0, other_name="level")
-        half_width = self.effective_std(std) * self.scale(level)
+        labels = self._labels(regions, mean.shape)
+        if labels is None:
+            factor = self.scale(level)
+        else:
+            by_label = {int(v): float(self.scale(level, int(v))) for v in np.unique(labels)}
+            factor = np.vectorize(by_label.__getitem__, otypes=[np.float64])(labels).reshape(mean.shape)
+        half_width = self.effective_std(std) * factor
         return mean - half_width, mean + half_width
 
     def moments(self, mean, std):
@@ -348,10 +424,24 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         return mean, self.effective_std(std) * rms
 
     def guarantee(self, level: float) -> dict[str, object]:
-        """A promise about a new subject's whole brain (the rule's sentence: :meth:`_promise`)."""
+        """A promise about a new subject's whole brain (the rule's sentence: :meth:`_promise`), and per region.
+
+        With ``regions``, the dict adds ``regions``: the certified labels
+        (each with its own promise, as many subjects as had it) and those
+        without one (too few calibration subjects had them).
+        """
         n = int(self.n_subjects_) if hasattr(self, "n_subjects_") else None
-        return promise("subject", self._promise(level, "n" if n is None else str(n)), level,
-                       delta=getattr(self, "delta", None), subjects=n)
+        statement = self._promise(level, "n" if n is None else str(n))
+        out = promise("subject", statement, level, delta=getattr(self, "delta", None), subjects=n)
+        if int(self.regions) and n is not None:
+            subjects = {label: int(count) for label, count in enumerate(self.region_subjects_, start=1)}
+            certified = self.certified_regions()
+            out["regions"] = {"certified": {str(label): subjects[label] for label in certified},
+                              "without_promise": [label for label in subjects if label not in certified]}
+            labels = ", ".join(map(str, certified)) or "none"
+            out["statement"] = (f"{statement}; the same holds for the voxels of each region label ({labels}) "
+                                "among the subjects that have it (one scale per region, Mondrian)")
+        return out
 
     def _promise(self, level: float, subjects: str) -> str:
         """The guarantee at ``level`` in one sentence, ``subjects`` being how many calibration subjects there were."""
@@ -412,7 +502,7 @@ class RiskControl(SubjectRiskCalibrator):
     ``alpha = delta = 0.1``), and about 30 for intervals that are not wide.
 
     Args:
-        alpha, bins, low, high: As :class:`SubjectRiskCalibrator`.
+        alpha, bins, low, high, regions: As :class:`SubjectRiskCalibrator`.
         delta: Tolerated probability that the calibration draw breaks the promise.
     """
 
@@ -424,8 +514,9 @@ class RiskControl(SubjectRiskCalibrator):
         bins: Annotated[int, Interval(1, None)] = 500,
         low: Annotated[float, Interval(0.0, None, closed="neither")] = 1e-3,
         high: Annotated[float, Interval(0.0, None, closed="neither")] = 1e4,
+        regions: Annotated[int, Interval(0, 64)] = 0,
     ) -> None:
-        super().__init__(alpha=alpha, bins=bins, low=low, high=high)
+        super().__init__(alpha=alpha, bins=bins, low=low, high=high, regions=regions)
         self.delta = delta
 
     def certified_risk(self, risk, n):
