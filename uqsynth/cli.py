@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"uqsynth {uqsynth.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = commands.add_parser("run", parents=[common], help="train, sample, calibrate, evaluate and report")
+    run = commands.add_parser("run", parents=[common], help="train, sample, calibrate, certify, evaluate and report")
     run.add_argument("config", help="TOML configuration, e.g. plugins/bcgan_t1t2.toml")
     run.add_argument("--out", help="run directory (default: runs/<run.name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

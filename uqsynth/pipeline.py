@@ -1,9 +1,10 @@
 """``uqsynth run``: validate the configuration, then run the stages in order.
 
-Stages: train -> sample -> calibrate -> certify -> evaluate -> report. Everything that
-can be checked (configuration, plugins, data, split, the networks at the
-configured slice size, an existing run in ``--out``) is checked before the
-run directory is touched, so bad input leaves no output behind.
+Stages: train -> sample -> calibrate -> certify -> evaluate -> report.
+Everything that can be checked (configuration, plugins, data, split, the
+networks at the configured slice size, an existing run in ``--out``) is
+checked before the run directory is touched, so bad input leaves no output
+behind.
 
 Started again with the same command, a run continues where it stopped:
 training from its last completed epoch, sampling and calibration per
@@ -332,6 +333,10 @@ def stage_calibrate(context: RunContext) -> None:
                 context.say(f"arm {arm_name}: {name} " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
 
 
+#: The level of a run's certificates for calibrators without an ``alpha`` of their own.
+CERTIFICATE_LEVEL = 0.9
+
+
 def stage_certify(context: RunContext) -> None:
     """``RUN/<arm>/predictions/<id>_uncertainty.json`` beside every test subject's maps (:mod:`uqsynth.certificate`).
 
@@ -366,7 +371,7 @@ def stage_certify(context: RunContext) -> None:
             if not fitted[arm_name]:  # no calibrator configured: what the uncalibrated interval promises (nothing)
                 entries.append(interval_entry(CERTIFICATE_LEVEL, *gaussian_interval(mean, std, CERTIFICATE_LEVEL)))
             for path, name, calibrator in fitted[arm_name]:
-                level = 1.0 - float(getattr(calibrator, "alpha", 1.0 - CERTIFICATE_LEVEL))
+                level = round(1.0 - float(getattr(calibrator, "alpha", 1.0 - CERTIFICATE_LEVEL)), 12)
                 lower, upper = calibrator.interval(mean, std, level)
                 entries.append(interval_entry(level, lower, upper, name=name, calibrator=calibrator,
                                               calibrator_file=path))
@@ -381,10 +386,6 @@ def stage_certify(context: RunContext) -> None:
     written = int(world.all_reduce_sum(np.array(written)))
     context.say(f"certificates: {written} written beside the test subjects' predictions "
                 f"(<id>_uncertainty.json) in {time.perf_counter() - started:.1f} s")
-
-
-#: The level of a run's certificates for calibrators without an ``alpha`` of their own.
-CERTIFICATE_LEVEL = 0.9
 
 
 def stage_evaluate(context: RunContext) -> None:

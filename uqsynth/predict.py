@@ -6,6 +6,9 @@ generator is rebuilt from that configuration and its weights are read from
 engine draws T samples per axial slice (per tile of it, at the training
 scale: :class:`~uqsynth.data.slices.EvalVolume`) and the per-voxel mean and standard
 deviation are mapped back to the input's grid, orientation and affine.
+Beside each volume's maps goes its certificate, ``<stem>_uncertainty.json``
+(:mod:`uqsynth.certificate`): which model and calibrator made them, what the
+interval promises, and the volume's nSTD and mean interval width.
 
 Intensities: the synthesized image is in the normalized [0, 1] scale the
 model was trained on (each slice divided by its 99.5th percentile of brain

@@ -409,8 +409,10 @@ class SubjectRiskCalibrator(StreamingCalibrator):
         if labels is None:
             factor = self.scale(level)
         else:
-            by_label = {int(v): float(self.scale(level, int(v))) for v in np.unique(labels)}
-            factor = np.vectorize(by_label.__getitem__, otypes=[np.float64])(labels).reshape(mean.shape)
+            slots = int(self.regions)
+            table = np.array([float(self.scale(level, label)) for label in range(slots + 1)])  # 0: the brain's
+            tracked = (labels >= 1) & (labels <= slots)
+            factor = table[np.where(tracked, labels, 0)].reshape(mean.shape)
         half_width = self.effective_std(std) * factor
         return mean - half_width, mean + half_width
 
