@@ -27,7 +27,7 @@ from uqsynth.evaluation import arm_summary, evaluate_arm
 from uqsynth.metrics._voxels import level_key
 from uqsynth.pipeline import build_dataset
 from uqsynth.plugins import get_host
-from uqsynth.predict import load_arm
+from uqsynth.inference import load_arm
 from uqsynth.training import dropout_probabilities
 
 ROUNDS = env_int("UQSYNTH_BENCH_QUALITY_ROUNDS", 3)

@@ -33,7 +33,7 @@ from uqsynth.config import config_from_dict, dumps_config
 from uqsynth.errors import DataError, TrainingDiverged
 from uqsynth.model_files import checksum_path, save_tensors, sha256_of
 from uqsynth.plugins import get_host
-from uqsynth.predict import write_maps
+from uqsynth.inference import write_maps
 from uqsynth.testing.calibrator_contract import check_declared_constraints
 from uqsynth.training import CHECKPOINT, GENERATOR_WEIGHTS, TRAIN_LOG, Trainer, build_arm, build_generator
 

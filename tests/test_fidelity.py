@@ -27,7 +27,7 @@ from uqsynth.cli import main
 from uqsynth.data.base import SubjectVolumes
 from uqsynth.data.slices import EvalVolume, TrainSlices, from_model_range, tile_offsets, tile_window
 from uqsynth.posterior import PosteriorSampler, SamplerOptions, volume_seed
-from uqsynth.predict import posterior_maps
+from uqsynth.inference import posterior_maps
 
 # ------------------------------------------------------------ the contrast predict reads
 
@@ -66,7 +66,7 @@ def test_predict_on_a_brats_folder_reads_the_contrast_the_model_was_trained_on(c
 
 def test_the_run_dataset_names_its_source_contrast(smoke_run, tmp_path):
     from uqsynth.config import load_config
-    from uqsynth.predict import source_contrast
+    from uqsynth.inference import source_contrast
 
     assert source_contrast(load_config(smoke_run / "config.toml")) == "t1"  # the phantom's T1w
     run = tmp_path / "run"
@@ -85,7 +85,7 @@ def _volume(subject_id: str, seed: int = 3) -> SubjectVolumes:
 
 
 def _std_map(sampler: PosteriorSampler, volume: SubjectVolumes) -> np.ndarray:
-    return posterior_maps(sampler, EvalVolume(volume, image_size=16), level=0.9)["std"]
+    return posterior_maps(sampler, EvalVolume(volume, image_size=16))["std"]
 
 
 def test_each_volume_gets_its_own_dropout_masks_and_the_same_ones_every_time():
@@ -171,7 +171,7 @@ def test_one_tile_when_the_training_scale_is_the_network_size():
 def test_posterior_maps_at_the_training_scale_land_on_the_input_grid():
     volume = _volume("A")
     sampler = PosteriorSampler(small_unet(), SamplerOptions(samples=3, seed=0))
-    maps = posterior_maps(sampler, EvalVolume(volume, image_size=16, load_size=20), level=0.9)
+    maps = posterior_maps(sampler, EvalVolume(volume, image_size=16, load_size=20))
     assert maps["mean"].shape == maps["std"].shape == volume.source.shape
     assert np.all(maps["std"][volume.mask] > 0) and np.all(maps["mean"][~volume.mask] == 0)
 

@@ -44,7 +44,7 @@ from uqsynth.errors import ConfigError, UserError
 from uqsynth.metrics import STD_FLOOR
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
-from uqsynth.predict import load_arm, posterior_maps, sampler_options, write_maps
+from uqsynth.inference import load_arm, posterior_maps, sampler_options, write_maps
 from uqsynth.run_directory import (
     RunInputs,
     RunLock,
@@ -241,7 +241,7 @@ def stage_sample(context: RunContext) -> None:
                 continue
             volumes = context.dataset.load(subject_id)
             evaluation = EvalVolume(volumes, image_size=config.data.image_size, load_size=config.data.load_size)
-            maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
+            maps = posterior_maps(sampler, evaluation, progress=world.is_main)
             write_maps({name: maps[name] for name in PREDICTED_MAPS}, volumes, out_dir, subject_id)
             done += 1
         done = int(world.all_reduce_sum(np.array(done)))
@@ -304,7 +304,7 @@ def stage_calibrate(context: RunContext) -> None:
             for subject_id in world.shard(subjects):
                 volumes = axial_subsample(context.dataset.load(subject_id), config.calibration.slice_stride)
                 evaluation = EvalVolume(volumes, image_size=config.data.image_size, load_size=config.data.load_size)
-                maps = posterior_maps(sampler, evaluation, level=0.95, progress=world.is_main)
+                maps = posterior_maps(sampler, evaluation, progress=world.is_main)
                 # Every brain voxel, a round-off std too: the calibrators give it a width of their own.
                 brain = evaluation.native_mask()
                 if not brain.any():

@@ -352,13 +352,34 @@ def load_source(path: str | Path, *, subject_id: str, role: str = "T1w") -> Subj
     """
     path = Path(path)
     image = load_volume(path, role=role, subject_id=subject_id)
+    return _source(image, path, subject_id=subject_id, role=role, source_path=path)
+
+
+def source_from_array(
+    array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None, *, subject_id: str, role: str, where: str
+) -> SubjectVolumes:
+    """A source volume already in memory (a notebook's array or nibabel image), checked as :func:`load_source` checks.
+
+    ``where`` names it in messages (a file name, or "the array").
+    """
+    data = _as_3d(np.asarray(array, dtype=np.float32), where, role, subject_id)
+    _check_values(data, where, role, subject_id)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise DataError(f"{_where(subject_id)}{role} {where}: the affine has shape {affine.shape}; expected 4 x 4")
+    _check_affine(affine, where, role, subject_id)
+    header = header.copy() if isinstance(header, nib.Nifti1Header) else nib.Nifti1Header()
+    return _source(Volume(data, affine, header), where, subject_id=subject_id, role=role, source_path=None)
+
+
+def _source(image: Volume, where, *, subject_id: str, role: str, source_path: Path | None) -> SubjectVolumes:
     mask = image.array != 0
-    origin = MaskOrigin(path, role, "skull-strip it (predict takes skull-stripped volumes)")
+    origin = MaskOrigin(where, role, "skull-strip it (predict takes skull-stripped volumes)")
     warnings = check_inputs(subject_id=subject_id, mask=mask, origin=origin, axial=axial_axis(image.affine),
-                            images=[(role, path, image.array)])
+                            images=[(role, where, image.array)])
     return SubjectVolumes(
         subject_id=subject_id, source=image.array, target=None, mask=mask, affine=image.affine,
-        header=_noting(image.header, warnings), source_path=path,
+        header=_noting(image.header, warnings), source_path=source_path,
         warnings=[warning.message for warning in warnings],
     )
 
@@ -378,32 +399,19 @@ def is_nifti(path: str | Path) -> bool:
     return nifti_stem(Path(path).name) is not None
 
 
-def save_like(
-    array: np.ndarray,
-    affine: np.ndarray,
-    header: nib.Nifti1Header | None,
-    path: str | Path,
-) -> Path:
-    """Write ``array`` as float32 NIfTI in a reference image's grid, atomically.
+def nifti_like(array: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None) -> nib.Nifti1Image:
+    """``array`` as a float32 NIfTI image in a reference image's grid (what :func:`save_like` writes).
 
     The reference's header is copied (units, descriptions, qform/sform codes)
     so viewers place the output exactly over the input; its intensity scaling
     and display window are reset because they described the input's values,
-    not ours. The file appears complete or not at all (temporary file in the
-    same directory, fsync, rename).
+    not ours.
 
     Args:
         array: 3D data in the reference's own axis order.
         affine: The reference's voxel-to-world affine.
         header: The reference's NIfTI header, or ``None`` for a fresh one.
-        path: Destination ending in ``.nii`` or ``.nii.gz``.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
     """
-    path = Path(path)
-    if not is_nifti(path):
-        raise DataError(f"output file {path} must end in .nii or .nii.gz")
     array = np.asarray(array, dtype=np.float32)
     affine = np.asarray(affine, dtype=np.float64)
     new_header = header.copy() if header is not None else None
@@ -418,6 +426,27 @@ def save_like(
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"] = 0.0
     img.header["cal_max"] = 0.0
+    return img
+
+
+def save_like(
+    array: np.ndarray,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None,
+    path: str | Path,
+) -> Path:
+    """Write ``array`` as float32 NIfTI in a reference image's grid (:func:`nifti_like`), atomically.
+
+    The file appears complete or not at all (temporary file in the same
+    directory, fsync, rename).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    if not is_nifti(path):
+        raise DataError(f"output file {path} must end in .nii or .nii.gz")
+    img = nifti_like(array, affine, header)
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return path
