@@ -54,7 +54,7 @@ def test_the_readmes_notebook_example_runs_and_matches_uqsynth_predict(notebook,
     monkeypatch.chdir(notebook)
     exec(compile(readme_example(), "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert "Posterior('sub-01_T1w'" in printed and "a voxel drawn at random" in printed  # conformal's promise
+    assert "Posterior('sub-01'" in printed and "a voxel drawn at random" in printed  # conformal's promise
     assert main(["predict", "--model", "runs/bcgan_t1t2/concrete_laplace", "--input", "sub-01_T1w.nii.gz",
                  "--out", "cli", "--level", "0.9"]) == 0
     library, command = sorted(os.listdir("maps")), sorted(os.listdir("cli"))
@@ -66,7 +66,7 @@ def test_the_readmes_notebook_example_runs_and_matches_uqsynth_predict(notebook,
         else:
             assert (Path("maps") / name).read_text() == (Path("cli") / name).read_text()
     single = nib.load("sub-01_std.nii.gz")
-    assert np.array_equal(np.asanyarray(single.dataobj), np.asanyarray(nib.load("cli/sub-01_T1w_std.nii.gz").dataobj))
+    assert np.array_equal(np.asanyarray(single.dataobj), np.asanyarray(nib.load("cli/sub-01_desc-std_T2w.nii.gz").dataobj))
 
 
 def test_predict_takes_a_path_a_nibabel_image_or_an_array_with_its_affine(notebook):
@@ -75,7 +75,7 @@ def test_predict_takes_a_path_a_nibabel_image_or_an_array_with_its_affine(notebo
     image = nib.load(path)
     from_path = model.predict(path, samples=3)
     from_image = model.predict(image, samples=3)
-    from_array = model.predict(np.asanyarray(image.dataobj), image.affine, samples=3, subject_id="sub-01_T1w")
+    from_array = model.predict(np.asanyarray(image.dataobj), image.affine, samples=3, subject_id="sub-01")
     for other in (from_image, from_array):
         assert np.array_equal(other.mean, from_path.mean) and np.array_equal(other.std, from_path.std)
     # The parts add up to the total; the interval is the arm's first fitted calibrator's, and holds the mean.

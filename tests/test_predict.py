@@ -10,6 +10,7 @@ from test_training import TINY
 
 from uqsynth.cli import main
 from uqsynth.data.phantom import write_subjects
+from uqsynth.inference import map_file_names
 
 
 #: The tiny run with a third arm whose generator also predicts a per-voxel Laplace scale.
@@ -106,7 +107,8 @@ def test_the_certificate_beside_the_maps_says_which_model_which_calibrator_and_w
     image = nib.load(phantoms["RAS"])
     nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj) * 3.0, image.affine), reference)
     assert main([*args, "--out", str(tmp_path / "b"), "--calibrator", "conformal", "--rescale-like", str(reference)]) == 0
-    stem = phantoms["RAS"].name[: -len(".nii.gz")]
+    stem = "phantom-000"  # the volume's id: its BraTS-named file's subject, not its contrast
+    names = map_file_names(stem, 0.9, "t2")
     document = json.loads((tmp_path / "a" / f"{stem}_uncertainty.json").read_text())
     assert document["volume"] == stem and document["uqsynth_version"]
     assert document["model"] == {"arm": "mc", "generator_sha256": sha256(arm / "generator.safetensors"),
@@ -118,14 +120,14 @@ def test_the_certificate_beside_the_maps_says_which_model_which_calibrator_and_w
     assert set(entry["params"]) == {"bins", "low", "high"} and entry["infinite_voxels"] == 0
     # Its numbers are those of the maps beside it, on the [0, 255] scale of the normalized intensities.
     brain = EvalVolume(load_source(phantoms["RAS"], subject_id=stem), image_size=32).native_mask()
-    maps = {name: nib.load(tmp_path / "a" / f"{stem}_{name}.nii.gz").get_fdata()[brain] for name in MAPS}
+    maps = {name: nib.load(tmp_path / "a" / names[name]).get_fdata()[brain] for name in MAPS}
     assert entry["mean_width"] == pytest.approx(np.mean(maps["upper"] - maps["lower"]) * 255, rel=1e-5)
     assert document["summary"]["brain_voxels"] == int(brain.sum())
     assert document["summary"]["nstd"] == pytest.approx(np.sqrt(np.mean(maps["std"] ** 2)) * 255, rel=1e-5)
-    assert document["maps"] == {name: f"{stem}_{name}.nii.gz" for name in MAPS}
+    assert document["maps"] == names and names["upper"] == "phantom-000_desc-upper90_T2w.nii.gz"
     # Rescaled maps, same certificate numbers: two scanners' volumes rank alike.
     rescaled = json.loads((tmp_path / "b" / f"{stem}_uncertainty.json").read_text())
-    assert nib.load(tmp_path / "b" / f"{stem}_std.nii.gz").get_fdata().max() > 2 * maps["std"].max()
+    assert nib.load(tmp_path / "b" / names["std"]).get_fdata().max() > 2 * maps["std"].max()
     assert rescaled["summary"] == document["summary"] and rescaled["intervals"] == document["intervals"]
 
 
@@ -174,9 +176,9 @@ def test_predict_writes_six_maps_in_the_inputs_own_grid(predicted, orientation, 
     t1 = phantoms[orientation]
     out = root / (f"out-{orientation}" if arm == "concrete" else f"out-{arm}")
     reference = nib.load(t1)
-    stem = t1.name[: -len(".nii.gz")]
-    assert outputs(out) == sorted([*(f"{stem}_{name}.nii.gz" for name in MAPS), f"{stem}_uncertainty.json"])
-    maps = {name: nib.load(out / f"{stem}_{name}.nii.gz") for name in MAPS}
+    names = map_file_names("phantom-000", 0.95, "t2")
+    assert outputs(out) == sorted([*names.values(), "phantom-000_uncertainty.json"])
+    maps = {name: nib.load(out / names[name]) for name in MAPS}
     brain = np.asanyarray(reference.dataobj) != 0
     for image in maps.values():
         assert image.shape == reference.shape
@@ -201,8 +203,8 @@ def test_ras_and_lps_inputs_give_the_same_world_space_prediction(predicted):
     root, phantoms = predicted
     images = {}
     for orientation in ("RAS", "LPS"):
-        stem = phantoms[orientation].name[: -len(".nii.gz")]
-        images[orientation] = nib.as_closest_canonical(nib.load(root / f"out-{orientation}" / f"{stem}_mean.nii.gz"))
+        mean = map_file_names("phantom-000", 0.95, "t2")["mean"]
+        images[orientation] = nib.as_closest_canonical(nib.load(root / f"out-{orientation}" / mean))
     assert np.allclose(images["RAS"].affine, images["LPS"].affine)
     # Same seed, same slices in the same canonical order: the same numbers, flipped back.
     assert np.allclose(images["RAS"].get_fdata(), images["LPS"].get_fdata(), atol=1e-5)
@@ -278,3 +280,57 @@ def test_predict_on_a_smoke_run_of_the_shipped_configuration(tmp_path, capsys):
     assert main(["predict", "--model", str(run / "concrete_dropout"), "--input", str(t1),
                  "--out", str(tmp_path / "O"), "--samples", "3"]) == 0
     assert len(list((tmp_path / "O").glob("*.nii.gz"))) == 6  # mean, std, std_epistemic, std_aleatoric, lower, upper
+
+
+@pytest.fixture(scope="module")
+def collections(trained, tmp_path_factory):
+    """One phantom T1w copied into every layout users keep scans in (the model reads T1w)."""
+    root, phantoms = trained
+    t1 = phantoms["RAS"].read_bytes()
+    base = tmp_path_factory.mktemp("inputs")
+    for relative in ("flat/a_T1w.nii.gz", "flat/b_T1w.nii.gz", "flat/a_T2w.nii.gz",
+                     "bids/sub-01/anat/sub-01_T1w.nii.gz", "bids/sub-01/anat/sub-01_T2w.nii.gz",
+                     "bids/sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
+                     "bids/sub-02/ses-1/anat/sub-02_ses-1_ce-gd_T1w.nii.gz",
+                     "plain/scan1.nii.gz", "plain/scan2.nii"):
+        path = base / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if relative.endswith(".nii"):
+            nib.save(nib.load(phantoms["RAS"]), path)
+        else:
+            path.write_bytes(t1)
+    (base / "bids" / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.9.0"}')
+    write_subjects(base / "brats", 2, seed=8, shape=(40, 44, 32))
+    return root, base
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("flat", ["a", "b"]),                                   # the T2w beside them is left out
+    ("plain", ["scan1", "scan2"]),                          # names without a contrast: every NIfTI file
+    ("flat/*_T1w.nii.gz", ["a", "b"]),                      # a glob
+    ("bids", ["sub-01", "sub-02_ses-1"]),                   # sub-*/[ses-*/]anat/*_T1w, not the ce- T1w
+    ("brats", ["phantom-000", "phantom-001"]),              # BraTS subject folders
+])
+def test_predict_finds_every_volume_in_the_layouts_users_keep(collections, given, expected, tmp_path, capsys):
+    root, base = collections
+    assert main(["predict", "--model", str(root / "run" / "mc"), "--input", str(base / given), "--out", str(tmp_path),
+                 "--samples", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"{len(expected)} volume(s)" in err
+    assert sorted(p.name[: -len("_uncertainty.json")] for p in tmp_path.glob("*_uncertainty.json")) == expected
+
+
+def test_layout_bids_writes_a_derivatives_tree_that_names_every_map(collections, tmp_path):
+    import json
+
+    root, base = collections
+    assert main(["predict", "--model", str(root / "run" / "mc"), "--input", str(base / "bids"), "--out", str(tmp_path),
+                 "--samples", "2", "--level", "0.9", "--layout", "bids"]) == 0
+    description = json.loads((tmp_path / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "uqsynth"
+    for folder, stem in (("sub-01/anat", "sub-01"), ("sub-02/ses-1/anat", "sub-02_ses-1")):
+        written = sorted(p.name for p in (tmp_path / folder).iterdir())
+        labels = ["lower90", "mean", "std", "stdAleatoric", "stdEpistemic", "upper90"]
+        assert written == sorted([*(f"{stem}_desc-{label}_T2w.nii.gz" for label in labels), f"{stem}_uncertainty.json"])
+        certificate = json.loads((tmp_path / folder / f"{stem}_uncertainty.json").read_text())
+        assert set(certificate["maps"].values()) == {f"{stem}_desc-{label}_T2w.nii.gz" for label in labels}

@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", parents=[common], help="posterior mean, std and interval maps as NIfTI")
     predict.add_argument("--model", required=True, help="a trained arm, RUN/<arm>")
     predict.add_argument("--input", dest="inputs", action="append", required=True, metavar="PATH",
-                         help="a T1w NIfTI file, or a folder of subjects in BraTS naming (repeatable)")
-    predict.add_argument("--out", required=True, help="directory for <stem>_{mean,std,lower,upper}.nii.gz")
+                         help="a NIfTI file, a quoted glob, a flat folder, a BIDS dataset or a folder of BraTS "
+                              "subjects (repeatable)")
+    predict.add_argument("--out", required=True,
+                         help="directory for <id>_desc-{mean,std,...}_T2w.nii.gz and <id>_uncertainty.json")
+    predict.add_argument("--layout", choices=("flat", "bids"), default="flat",
+                         help="flat: files side by side (default); bids: a BIDS-derivatives tree")
     predict.add_argument("--samples", type=int, help="T (default: the run's sampling.samples)")
     predict.add_argument("--level", type=float, default=0.95, help="central interval level (default 0.95)")
     predict.add_argument("--device", help="auto, cpu or cuda[:i] (default: the run's)")
@@ -161,7 +165,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     return run_predict(
         model=args.model, inputs=args.inputs, out=args.out, samples=args.samples, level=args.level,
-        device=args.device, rescale_like=args.rescale_like, calibrator=args.calibrator,
+        device=args.device, rescale_like=args.rescale_like, calibrator=args.calibrator, layout=args.layout,
     )
 
 

@@ -20,6 +20,8 @@ normalized [0, 1] scale the model was trained on (each slice divided by its
 from __future__ import annotations
 
 import inspect
+import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from uqsynth._files import atomic_write_text
 from uqsynth.calibration.base import Calibrator
 from uqsynth.certificate import certificate, certificate_path, interval_entry, write_certificate
 from uqsynth.config import Config, load_config
 from uqsynth.data.base import SubjectVolumes
 from uqsynth.data.brats import CONTRASTS, ROLES
-from uqsynth.data.discovery import nifti_stem
+from uqsynth.data.inputs import BIDS_SUFFIX, volume_id
 from uqsynth.data.nifti import is_nifti, load_source, nifti_like, save_like, source_from_array
 from uqsynth.data.slices import EvalVolume
 from uqsynth.devices import resolve_device
@@ -192,8 +195,10 @@ def check_maps(maps: dict[str, np.ndarray], stem: str) -> None:
                             "was written (weights that diverged in training give such maps)")
 
 
-def write_maps(maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Path, stem: str) -> list[Path]:
-    """Write ``<stem>_<map>.nii.gz`` for every map; all of them or none.
+def write_maps(
+    maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Path, stem: str, names: dict[str, str] | None = None
+) -> list[Path]:
+    """Write ``names[map]`` (default ``<stem>_<map>.nii.gz``, the run's layout) for every map; all of them or none.
 
     Raises:
         DataError: A map holds NaN voxels, or a map other than an interval
@@ -206,7 +211,8 @@ def write_maps(maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Pa
     written: list[Path] = []
     try:
         for name, array in maps.items():
-            written.append(save_like(array, volumes.affine, volumes.header, out_dir / f"{stem}_{name}.nii.gz"))
+            file_name = names[name] if names else f"{stem}_{name}.nii.gz"
+            written.append(save_like(array, volumes.affine, volumes.header, out_dir / file_name))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -214,28 +220,84 @@ def write_maps(maps: dict[str, np.ndarray], volumes: SubjectVolumes, out_dir: Pa
     return written
 
 
-def source_contrast(config: Config, host: PluginHost | None = None) -> str | None:
-    """The generic name (``t1``, ``t2``, ``flair``, ``t1ce``) of the contrast a run's model was trained on.
+def dataset_contrast(config: Config, role: str = "source", host: PluginHost | None = None) -> str | None:
+    """The generic name (``t1``, ``t2``, ``flair``, ``t1ce``) of the run's source or target contrast.
 
-    Taken from the dataset plugin's ``source`` option (its default when the
-    run did not set it), or from the plugin's ``source_contrast`` attribute
-    (the phantom's is ``t1``); ``None`` when the dataset does not say.
+    Taken from the dataset plugin's ``source`` / ``target`` option (its
+    default when the run did not set it), or from the plugin's
+    ``source_contrast`` / ``target_contrast`` attribute (the phantom's are
+    ``t1`` and ``t2``); ``None`` when the dataset does not say.
     """
     host = host or get_host()
     factory = host["dataset"].get(config.data.source).factory
-    parameter = inspect.signature(factory).parameters.get("source")
+    parameter = inspect.signature(factory).parameters.get(role)
     default = parameter.default if parameter is not None else None
-    value = config.data.options.get(config.data.source, {}).get("source", default)
+    value = config.data.options.get(config.data.source, {}).get(role, default)
     if value in CONTRASTS:
         return value
-    return getattr(factory, "source_contrast", None)
+    return getattr(factory, f"{role}_contrast", None)
 
 
+def source_contrast(config: Config, host: PluginHost | None = None) -> str | None:
+    """:func:`dataset_contrast` of the source: what a folder's files are read for."""
+    return dataset_contrast(config, "source", host)
+
+
+#: BIDS ``desc`` label of each map (alphanumeric, as BIDS labels must be); the bounds add the level.
+MAP_LABELS = {"mean": "mean", "std": "std", "std_epistemic": "stdEpistemic", "std_aleatoric": "stdAleatoric",
+              "lower": "lower", "upper": "upper"}
+
+#: Output layouts of :meth:`Posterior.save`: files side by side, or a BIDS-derivatives tree.
+LAYOUTS = ("flat", "bids")
+
+
+def map_file_names(volume_id: str, level: float, contrast: str | None) -> dict[str, str]:
+    """The file name of every map of :data:`MAPS`: ``<id>_desc-<map>_<contrast>.nii.gz``.
+
+    They say what they hold: the synthesized contrast (``T2w``), not the
+    source's, and the map (``desc-mean``, ``desc-std``, ``desc-lower90``, ...),
+    as BIDS derivatives name them.
+    """
+    suffix = BIDS_SUFFIX.get(contrast or "", contrast or "synth")
+    percent = f"{level * 100:.6g}".replace(".", "p")
+    labels = {name: label + (percent if name in ("lower", "upper") else "") for name, label in MAP_LABELS.items()}
+    return {name: f"{volume_id}_desc-{labels[name]}_{suffix}.nii.gz" for name in MAPS}
+
+
+def bids_folder(volume_id: str) -> Path:
+    """``sub-<label>/[ses-<label>/]anat`` of a volume id (BIDS entities; any other id becomes ``sub-<its letters and digits>``)."""
+    entities = dict(part.split("-", 1) for part in volume_id.split("_") if "-" in part)
+    subject = entities.get("sub") or re.sub(r"[^A-Za-z0-9]", "", volume_id) or "unknown"
+    folder = Path(f"sub-{subject}")
+    if "ses" in entities:
+        folder = folder / f"ses-{entities['ses']}"
+    return folder / "anat"
+
+
+def bids_volume_id(volume_id: str) -> str:
+    """The id a BIDS tree names the volume's files with: the id itself when it starts with ``sub-``."""
+    if volume_id.startswith("sub-"):
+        return volume_id
+    return bids_folder(volume_id).parts[0]
+
+
+def write_dataset_description(directory: Path) -> Path:
+    """``dataset_description.json`` of a BIDS-derivatives tree (kept if one is there already)."""
+    path = directory / "dataset_description.json"
+    if not path.exists():
+        import uqsynth
+
+        document = {"Name": "uqsynth synthesized images with voxel-wise uncertainty", "BIDSVersion": "1.9.0",
+                    "DatasetType": "derivative",
+                    "GeneratedBy": [{"Name": "uqsynth", "Version": uqsynth.__version__,
+                                     "Description": "MC-dropout posterior mean, std and calibrated intervals"}]}
+        atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    return path
 
 
 def input_stem(path: Path) -> str:
-    """The file name without its NIfTI ending, in any case (``T1.NII.GZ`` -> ``T1``): a volume's default id."""
-    return nifti_stem(path.name) or path.stem
+    """A volume's default id from its file name (:func:`uqsynth.data.inputs.volume_id`: ``sub-01_T1w.nii.gz`` -> ``sub-01``)."""
+    return volume_id(path)
 
 
 def read_source(
@@ -347,7 +409,8 @@ class Synthesizer:
             calibrator: The fitted calibrator of the intervals: ``"default"`` (the
                 run's first fitted one, or Gaussian if none), a name, or None (Gaussian).
             subject_id: What seeds the dropout masks and names the files (default: the
-                file's name without ``.nii[.gz]``, as ``uqsynth predict``; ``"volume"``
+                file's name, as ``uqsynth predict``: its BIDS entities or BraTS id, else the name
+                without ``.nii[.gz]``; ``"volume"``
                 for an array): the same id and seed give the same maps.
             progress: A progress bar on stderr.
 
@@ -425,7 +488,13 @@ class Posterior:
         """What the interval at ``level`` promises, which model and calibrator made it, and the volume's summary."""
         return self._certificate(level, *self.interval(level))
 
-    def _certificate(self, level: float, lower: np.ndarray, upper: np.ndarray) -> dict[str, object]:
+    def file_names(self, level: float = 0.95, layout: str = "flat") -> dict[str, str]:
+        """Map name -> file name (:func:`map_file_names`), with the id a BIDS tree uses for ``layout="bids"``."""
+        volume_id = bids_volume_id(self.subject_id) if layout == "bids" else self.subject_id
+        return map_file_names(volume_id, level, dataset_contrast(self.model.arm.config, "target"))
+
+    def _certificate(self, level: float, lower: np.ndarray, upper: np.ndarray,
+                     names: dict[str, str] | None = None) -> dict[str, object]:
         name = self.calibrator
         entry = interval_entry(
             level, lower[self.mask], upper[self.mask], name=name, calibrator=self._fitted,
@@ -435,29 +504,55 @@ class Posterior:
             volume=self.subject_id, arm=self.model.name, generator_file=self.model.directory / GENERATOR_WEIGHTS,
             likelihood=self.model.arm.config.arms[self.model.name].likelihood.name, samples=self.options.samples,
             seed=self.options.seed, std=self.std[self.mask], intervals=[entry],
-            maps={map_name: f"{self.subject_id}_{map_name}.nii.gz" for map_name in MAPS},
+            maps=names or self.file_names(level),
         )
 
-    def save(self, directory: str | Path, *, level: float = 0.95, intensity_scale: float = 1.0) -> list[Path]:
-        """Write ``<id>_<map>.nii.gz`` for every map of :data:`MAPS` and ``<id>_uncertainty.json``; all or none.
+    def save(self, directory: str | Path, *, level: float = 0.95, intensity_scale: float = 1.0,
+             layout: str = "flat") -> list[Path]:
+        """Write every map of :data:`MAPS` (:meth:`file_names`) and ``<id>_uncertainty.json``; all or none.
 
+        ``layout="bids"`` puts them in ``sub-*/[ses-*/]anat/`` under ``directory``
+        with a ``dataset_description.json`` (a BIDS-derivatives tree);
         ``intensity_scale`` multiplies every map (``uqsynth predict
         --rescale-like``); the certificate's numbers stay on the normalized scale.
         """
-        directory = Path(directory)
+        if layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, found {layout!r}")
+        root = Path(directory)
+        folder = root / bids_folder(self.subject_id) if layout == "bids" else root
+        names = self.file_names(level, layout)
         maps = self.maps(level)
         check_maps(maps, self.subject_id)  # before the certificate's numbers are computed from them
-        document = self._certificate(level, maps["lower"], maps["upper"])
+        document = self._certificate(level, maps["lower"], maps["upper"], names)
         maps = {name: (array * intensity_scale).astype(np.float32) for name, array in maps.items()}
-        directory.mkdir(parents=True, exist_ok=True)
-        written = write_maps(maps, self.volumes, directory, self.subject_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        if layout == "bids":
+            write_dataset_description(root)
+        written = write_maps(maps, self.volumes, folder, self.subject_id, names)
+        stem = bids_volume_id(self.subject_id) if layout == "bids" else self.subject_id
         try:
-            written.append(write_certificate(certificate_path(directory, self.subject_id), document))
+            written.append(write_certificate(certificate_path(folder, stem), document))
         except BaseException:  # a map set without its certificate is not a set: none of it stays
             for path in written:
                 path.unlink(missing_ok=True)
             raise
         return written
+
+    def planned_files(self, directory: str | Path, *, level: float = 0.95, layout: str = "flat") -> list[Path]:
+        """The files :meth:`save` would write (to check before writing anything)."""
+        return planned_files(directory, self.subject_id, level, dataset_contrast(self.model.arm.config, "target"),
+                             layout)
+
+
+def planned_files(directory: str | Path, volume_id: str, level: float, contrast: str | None,
+                  layout: str = "flat") -> list[Path]:
+    """The files :meth:`Posterior.save` writes for a volume, computable before sampling it."""
+    root = Path(directory)
+    folder = root / bids_folder(volume_id) if layout == "bids" else root
+    stem = bids_volume_id(volume_id) if layout == "bids" else volume_id
+    names = map_file_names(stem, level, contrast)
+    extra = [root / "dataset_description.json"] if layout == "bids" else []
+    return [*(folder / name for name in names.values()), certificate_path(folder, stem), *extra]
 
 
 def load(model_dir: str | Path, *, device: str | None = None) -> Synthesizer:

@@ -23,44 +23,30 @@ from pathlib import Path
 import numpy as np
 
 from uqsynth._files import RECORD, refuse_replacing
-from uqsynth.certificate import certificate_path
 from uqsynth.data.base import SubjectVolumes
-from uqsynth.data.brats import scan_source_only
-from uqsynth.data.nifti import is_nifti, load_volume
+from uqsynth.data.inputs import find_inputs
+from uqsynth.data.nifti import load_volume
 from uqsynth.data.slices import ROBUST_PERCENTILE
 from uqsynth.errors import ConfigError, DataError
-from uqsynth.inference import MAPS, Synthesizer, input_stem, source_contrast
+from uqsynth.inference import LAYOUTS, Synthesizer, dataset_contrast, planned_files, source_contrast
 
 
-def collect_inputs(inputs: Sequence[str], contrast: str | None) -> list[tuple[str, Path]]:
-    """``(stem, file)`` for every ``--input``: NIfTI files, or BraTS-style folders of subjects.
+def collect_inputs(inputs: Sequence[str], contrast: str | None) -> tuple[list[tuple[str, Path]], list[str]]:
+    """``(id, file)`` for every volume the ``--input`` values name (:func:`uqsynth.data.inputs.find_inputs`).
 
-    A folder gives each subject's file of ``contrast``, the model's own
-    source contrast: feeding a T2w-trained model its subjects' T1w would be
-    silently wrong. ``None`` (the run's dataset does not say) refuses folders.
+    Also the lines that tell the user how many volumes each input gave, and
+    what a folder held that is not an input (printed once every input has
+    been read). A folder is read for ``contrast``, the model's own source
+    contrast: feeding a T2w-trained model its subjects' T1w would be
+    silently wrong.
     """
-    found: list[tuple[str, Path]] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            if contrast is None:
-                raise DataError(f"--input {path}: the model's training data does not name its source contrast, "
-                                "so a folder's subjects cannot be matched to it; pass the NIfTI files themselves")
-            subjects, notes = scan_source_only(path, contrast=contrast)
-            for note in notes:  # what the folder held that is not an input, and why
-                print(f"--input {path}: {note}", file=sys.stderr)
-            found.extend(subjects.items())
-        elif not path.exists():
-            raise DataError(f"--input {path}: no such file or directory")
-        elif not is_nifti(path):
-            raise DataError(f"--input {path}: not a NIfTI file (expected .nii or .nii.gz)")
-        else:
-            found.append((input_stem(path), path))
-    stems = [stem for stem, _ in found]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise DataError(f"--input: two inputs would write the same outputs: {', '.join(duplicates)}")
-    return found
+    try:
+        volumes, found = find_inputs(list(inputs), contrast)
+    except DataError as error:
+        raise DataError(f"--input {error}") from None
+    lines = [f"--input {item}: {count} volume(s) ({kind})" + "".join(f"; {note}" for note in notes)
+             for item, count, kind, notes in found]
+    return [(volume.id, volume.path) for volume in volumes], lines
 
 
 def robust_maximum(path: Path) -> float:
@@ -80,21 +66,27 @@ def run_predict(
     device: str | None = None,
     rescale_like: str | None = None,
     calibrator: str | None = None,
+    layout: str = "flat",
 ) -> int:
     """``uqsynth predict``: validate everything first, then write the maps and the certificate of every input volume."""
     if not 0.0 < level < 1.0:
         raise ConfigError(f"--level must be in (0, 1), found {level}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, found {layout!r}")
     if samples is not None and samples < 2:
         raise ConfigError(f"--samples must be at least 2 (a standard deviation needs two samples), found {samples}")
     synthesizer = Synthesizer(model, device=device, where=f"--model {model}", device_key="--device")
     fitted = synthesizer.calibrator(calibrator or "default", where=f"--calibrator {calibrator}")
     # Read and check every input before writing anything.
     volumes: list[SubjectVolumes] = []
-    for stem, path in collect_inputs(inputs, source_contrast(synthesizer.arm.config)):
+    found, lines = collect_inputs(inputs, source_contrast(synthesizer.arm.config))
+    for stem, path in found:
         subject = synthesizer.read(path, subject_id=stem)
         for line in subject.warnings:  # also in each output's header (descrip)
             print(f"warning: {line}", file=sys.stderr)
         volumes.append(subject)
+    for line in lines:
+        print(line, file=sys.stderr)
     scale = robust_maximum(Path(rescale_like)) if rescale_like else 1.0
     out_dir = Path(out)
     # An output never replaces what this command reads (links and ".." resolved): --out may be the data folder.
@@ -103,8 +95,8 @@ def run_predict(
             *([("--rescale-like", Path(rescale_like))] if rescale_like else []),
             ("--model", model_dir.parent / "config.toml"),
             *(("--model", path) for path in sorted(model_dir.rglob("*")) if path.is_file())]
-    planned = [*(out_dir / f"{subject.subject_id}_{name}.nii.gz" for subject in volumes for name in MAPS),
-               *(certificate_path(out_dir, subject.subject_id) for subject in volumes)]
+    target = dataset_contrast(synthesizer.arm.config, "target")
+    planned = [path for subject in volumes for path in planned_files(out_dir, subject.subject_id, level, target, layout)]
     refuse_replacing(planned, read, where=f"--out {out_dir}")
     run_dir = next((d for d in (out_dir.resolve(), *out_dir.resolve().parents) if (d / RECORD).is_file()), None)
     if run_dir is not None:  # its record would not list our maps, and a report would score them as the run's
@@ -122,12 +114,11 @@ def run_predict(
     for subject in volumes:
         started = time.perf_counter()
         posterior = synthesizer.posterior(subject, samples=samples, fitted=fitted, progress=True)
-        posterior.save(out_dir, level=level, intensity_scale=scale)
+        written = posterior.save(out_dir, level=level, intensity_scale=scale, layout=layout)
         seconds = time.perf_counter() - started
         slices, inputs = posterior.slices, posterior.network_inputs
         tiles = f" ({inputs} tiles at the training scale)" if inputs > slices else ""
-        stem = subject.subject_id
-        print(f"{stem}: {slices} slices{tiles} x {T} samples in {seconds:.1f} s "
-              f"({inputs * T / seconds:.0f} slice-samples/s) -> {out_dir / stem}_{{{','.join(MAPS)}}}.nii.gz "
-              f"and {certificate_path(out_dir, stem).name}", file=sys.stderr)
+        print(f"{subject.subject_id}: {slices} slices{tiles} x {T} samples in {seconds:.1f} s "
+              f"({inputs * T / seconds:.0f} slice-samples/s) -> {len(written)} files in {written[0].parent}",
+              file=sys.stderr)
     return 0

@@ -850,6 +850,8 @@ class PhantomDataset(Dataset):
 
     #: The generic name of the source contrast (``uqsynth predict`` reads a BraTS folder's files of it).
     source_contrast = "t1"
+    #: And of the target contrast it synthesizes (what ``uqsynth predict``'s output names say).
+    target_contrast = "t2"
 
     _CACHE_SIZE = 2
 
