@@ -334,3 +334,26 @@ def test_layout_bids_writes_a_derivatives_tree_that_names_every_map(collections,
         assert written == sorted([*(f"{stem}_desc-{label}_T2w.nii.gz" for label in labels), f"{stem}_uncertainty.json"])
         certificate = json.loads((tmp_path / folder / f"{stem}_uncertainty.json").read_text())
         assert set(certificate["maps"].values()) == {f"{stem}_desc-{label}_T2w.nii.gz" for label in labels}
+
+
+def test_predict_writes_a_per_volume_summary_ranked_by_uncertainty(collections, tmp_path, capsys):
+    """Triage of new patients with no ground truth: the most uncertain volume first, with its certificate."""
+    import csv
+    import json
+
+    root, base = collections
+    assert main(["predict", "--model", str(root / "run" / "mc"), "--input", str(base / "bids"), "--input",
+                 str(base / "flat"), "--out", str(tmp_path), "--samples", "2", "--level", "0.9"]) == 0
+    err = capsys.readouterr().err
+    with open(tmp_path / "uncertainty_summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["rank"] for row in rows] == ["1", "2", "3", "4"]
+    assert sorted(row["id"] for row in rows) == ["a", "b", "sub-01", "sub-02_ses-1"]
+    nstd = [float(row["nstd"]) for row in rows]
+    assert nstd == sorted(nstd, reverse=True)
+    for row in rows:
+        certificate = json.loads((tmp_path / row["certificate"]).read_text())
+        assert float(row["nstd"]) == pytest.approx(certificate["summary"]["nstd"])
+        assert float(row["mean_width"]) == pytest.approx(certificate["intervals"][0]["mean_width"])
+        assert row["calibrator"] == "isotonic" and row["level"] == "0.9"
+        assert f"{row['id']}: " in err and f"nSTD {float(row['nstd']):.2f}" in err

@@ -107,6 +107,11 @@ def test_report_is_one_offline_page_with_every_figure(finished):
     assert "Calibrators were fitted on the 3 training subject(s)" in page
     # Each test subject's miscoverage, per interval, against alpha; conformal's promise is about a voxel.
     assert "Coverage per subject" in page and "subjects above alpha" in page
+    # Triage: both test volumes ranked by nSTD beside their true error's rank, the top quarter flagged.
+    metrics = json.loads((finished / "metrics.json").read_text())
+    first = metrics["arms"]["mc"]["triage"]["ranking"][0]
+    assert "Triage: volumes ranked by uncertainty" in page and "flags the 1 most uncertain" in page
+    assert f"<td>1</td><td>{first['id']}</td>" in page
     assert re.search(r"<td>mc</td><td>conformal</td><td>voxel</td>", page)
 
 

@@ -224,6 +224,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts; the columns are their keys in first-seen order) as CSV, atomically."""
+    import csv
+    import io
+
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
 def _identities(path: Path) -> set[object]:
     """What writing to, or reading from, ``path`` reaches: its directory entry and the file behind it.
 

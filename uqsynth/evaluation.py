@@ -20,8 +20,6 @@ which subjects the calibrators were fitted on, timing) and
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from uqsynth._files import atomic_write_text
+from uqsynth._files import atomic_write_text, write_csv
 from uqsynth.baselines import linear_map_prediction, masked_rmse
 from uqsynth.calibration.io import load_calibrator
 from uqsynth.config import Config
@@ -375,12 +373,7 @@ def metrics_rows(evaluations: dict[str, ArmEvaluation]) -> list[dict]:
 def write_metrics(out_dir: Path, document: dict, rows: list[dict]) -> None:
     """Write ``metrics.json`` and ``metrics.csv`` atomically."""
     atomic_write_text(out_dir / "metrics.json", json.dumps(document, indent=2, allow_nan=False) + "\n")
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+    write_csv(out_dir / "metrics.csv", rows)
 
 
 def _finite(value):

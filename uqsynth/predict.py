@@ -15,6 +15,7 @@ scanner's intensity range.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uqsynth._files import RECORD, refuse_replacing
+from uqsynth._files import RECORD, refuse_replacing, write_csv
 from uqsynth.data.base import SubjectVolumes
 from uqsynth.data.inputs import find_inputs
 from uqsynth.data.nifti import load_volume
@@ -96,7 +97,8 @@ def run_predict(
             ("--model", model_dir.parent / "config.toml"),
             *(("--model", path) for path in sorted(model_dir.rglob("*")) if path.is_file())]
     target = dataset_contrast(synthesizer.arm.config, "target")
-    planned = [path for subject in volumes for path in planned_files(out_dir, subject.subject_id, level, target, layout)]
+    planned = [*(path for subject in volumes for path in planned_files(out_dir, subject.subject_id, level, target, layout)),
+               out_dir / SUMMARY_FILE]
     refuse_replacing(planned, read, where=f"--out {out_dir}")
     run_dir = next((d for d in (out_dir.resolve(), *out_dir.resolve().parents) if (d / RECORD).is_file()), None)
     if run_dir is not None:  # its record would not list our maps, and a report would score them as the run's
@@ -111,6 +113,7 @@ def run_predict(
     print(f"arm {synthesizer.name}: T={T} samples, interval at level {level}: {interval}, "
           f"device {synthesizer.device}, intensities: "
           f"{'rescaled like ' + rescale_like if rescale_like else 'normalized [0, 1]'}", file=sys.stderr)
+    summaries = []
     for subject in volumes:
         started = time.perf_counter()
         posterior = synthesizer.posterior(subject, samples=samples, fitted=fitted, progress=True)
@@ -118,7 +121,36 @@ def run_predict(
         seconds = time.perf_counter() - started
         slices, inputs = posterior.slices, posterior.network_inputs
         tiles = f" ({inputs} tiles at the training scale)" if inputs > slices else ""
+        summary = volume_row(subject.subject_id, written[-1], out_dir)
+        summaries.append(summary)
+        width = "infinite" if summary["mean_width"] is None else f"{summary['mean_width']:.2f}"
         print(f"{subject.subject_id}: {slices} slices{tiles} x {T} samples in {seconds:.1f} s "
-              f"({inputs * T / seconds:.0f} slice-samples/s) -> {len(written)} files in {written[0].parent}",
-              file=sys.stderr)
+              f"({inputs * T / seconds:.0f} slice-samples/s) -> {len(written)} files in {written[0].parent}; "
+              f"nSTD {summary['nstd']:.2f}, mean {level:g} interval width {width} (on [0, 255])", file=sys.stderr)
+    table = triage_rows(summaries)
+    write_csv(out_dir / SUMMARY_FILE, table)
+    print(f"triage: {len(table)} volume(s) ranked by nSTD, most uncertain first -> {out_dir / SUMMARY_FILE}",
+          file=sys.stderr)
     return 0
+
+
+#: The per-volume summary ``predict`` writes into ``--out``: what to check first, with no ground truth.
+SUMMARY_FILE = "uncertainty_summary.csv"
+
+
+def volume_row(volume_id: str, certificate_file: Path, out_dir: Path) -> dict:
+    """One volume's line of the summary, from the certificate just written beside its maps."""
+    document = json.loads(certificate_file.read_text(encoding="utf-8"))
+    (interval,) = document["intervals"]
+    summary = document["summary"]
+    return {"id": volume_id, "nstd": summary["nstd"], "std_mean": summary["std_mean"],
+            "mean_width": interval["mean_width"], "level": interval["level"], "calibrator": interval["calibrator"],
+            "guarantee_unit": interval["unit"], "infinite_voxels": interval["infinite_voxels"],
+            "brain_voxels": summary["brain_voxels"], "certificate": certificate_file.relative_to(out_dir).as_posix()}
+
+
+def triage_rows(rows: list[dict]) -> list[dict]:
+    """The volumes ranked by nSTD (the paper's volume uncertainty), the most uncertain first, with their rank."""
+    ranked = sorted(rows, key=lambda row: (-row["nstd"], row["id"]))
+    return [{"rank": rank, **row} for rank, row in enumerate(ranked, start=1)]
+

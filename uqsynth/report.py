@@ -16,7 +16,8 @@ so ``uqsynth report RUN`` rebuilds it from the saved predictions:
   voxels outside the 90 % interval, per interval and arm, against alpha.
 
 ``report.html`` embeds the images (base64) and the tables (accuracy,
-calibration, coverage per subject, coverage and width per region, the spread of the std), and
+calibration, triage of the test volumes by nSTD, coverage per subject,
+coverage and width per region, the spread of the std), and
 says which subjects the calibrators were fitted on, so it opens offline
 and can be mailed as one file.
 """
@@ -208,6 +209,39 @@ def miscoverage_table(arms: dict) -> str:
                           "subjects above alpha"], rows)
 
 
+def triage_section(arms: dict) -> str:
+    """Per arm, the test volumes ranked by predicted nSTD beside their true nRMSE rank, and what a threshold flags.
+
+    The paper's clinical use: with no ground truth, a reader checks the most
+    uncertain volumes first. The threshold shown flags the top quarter by nSTD
+    (at least one volume); it works as far as those are the volumes with the
+    largest true error, which the last column and the sentence count.
+    """
+    parts = []
+    for name, arm in arms.items():
+        triage = arm.get("triage")
+        if not triage:
+            continue
+        ranking = triage["ranking"]
+        flagged = max(1, int(np.ceil(len(ranking) / 4)))
+        threshold = ranking[flagged - 1]["nstd"]
+        hits = sum(1 for row in ranking[:flagged] if row["nrmse_rank"] <= flagged)
+        rows = [[rank, row["id"], row["nstd"], row["nrmse"], row["nrmse_rank"], "flagged" if rank <= flagged else ""]
+                for rank, row in enumerate(ranking, start=1)]
+        parts.append(
+            f"<h3>{html.escape(name)}</h3><p>Spearman rank correlation of nSTD and nRMSE over the {len(ranking)} "
+            f"test volumes: {_fmt(triage['spearman'])}. A threshold at nSTD &ge; {_fmt(threshold)} flags the "
+            f"{flagged} most uncertain; {hits} of them are among the {flagged} with the largest true error.</p>"
+            + _table(["nSTD rank", "volume", "nSTD", "nRMSE", "nRMSE rank", "threshold"], rows))
+    if not parts:
+        return "<p>Fewer than two test volumes: nothing to rank.</p>"
+    note = ("<p>The test volumes ranked by their predicted uncertainty (nSTD, the RMS of the std on [0, 255]), "
+            "most uncertain first, beside the rank of their true error (nRMSE; 1 = largest). "
+            "<code>uqsynth predict</code> writes the same ranking for new volumes, with no truth, to "
+            "<code>uncertainty_summary.csv</code>.</p>")
+    return note + "".join(parts)
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3g}"
 
@@ -370,6 +404,7 @@ def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
         f"<p>Errors on the [0, 255] scale inside the brain mask; intensities normalized per slice. {html.escape(ttest_text)}</p>"
         f"<h2>Accuracy and uncertainty</h2>{summary}{spread_table(arms)}"
         f"<h2>Calibration</h2><p>{html.escape(calibration_text(document))}</p>{calibration}"
+        f"<h2>Triage: volumes ranked by uncertainty</h2>{triage_section(arms)}"
         f"<h2>Coverage per subject</h2>{miscoverage_table(arms)}"
         f"<h2>Coverage by region</h2>{region_table(arms)}"
         f"<h2>Per-subject RMSE</h2>{per_subject}<p>{html.escape(baseline_text)}</p><p>Timing: {html.escape(timing)}</p>"
