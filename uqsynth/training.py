@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import math
 import random
 import shutil
@@ -44,7 +43,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from uqsynth._files import atomic_write_text
+from uqsynth._files import write_csv
 from uqsynth.config import ArmConfig, Config, TrainConfig
 from uqsynth.distributed import SINGLE, World
 from uqsynth.errors import ConfigError, TrainingDiverged
@@ -542,12 +541,7 @@ class Trainer:
             with open(path, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["epoch"]) < row["epoch"]]
         rows.append(row)
-        fields = list(dict.fromkeys(key for r in rows for key in r))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, buffer.getvalue())
+        write_csv(path, rows)
 
     def checkpoint_state(self) -> dict:
         """What the checkpoint holds but the random states: weights, optimizer states, the weight average."""
