@@ -432,12 +432,18 @@ def stage_evaluate(context: RunContext) -> None:
 
 
 def stage_report(context: RunContext) -> None:
-    """The paper's figures and ``report.html`` (rank 0)."""
+    """The paper's figures and ``report.html`` with a slice viewer of every test subject (rank 0)."""
     from uqsynth.report import build_report
 
+    from uqsynth.viewer import columns, sprites, viewer_html
+
     if context.world.is_main:
-        page = build_report(context.out_dir, context.evaluations, context.metrics)
-        context.say(f"report: {page}")
+        started = time.perf_counter()
+        entries = sprites(context.config, context.dataset, context.split.test, context.out_dir)
+        viewer = viewer_html(entries, columns(list(context.config.arms)))
+        page = build_report(context.out_dir, context.evaluations, context.metrics, viewer)
+        context.say(f"report: {page} ({page.stat().st_size / 1e6:.1f} MB, a slice viewer of {len(entries)} test "
+                    f"subject(s) built in {time.perf_counter() - started:.1f} s)")
 
 
 STAGES: tuple[tuple[str, Callable[..., None]], ...] = (

@@ -246,8 +246,8 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3g}"
 
 
-def build_report(out_dir: Path, evaluations: dict[str, ArmEvaluation], document: dict) -> Path:
-    """Write every figure and ``report.html``; return the HTML path."""
+def build_report(out_dir: Path, evaluations: dict[str, ArmEvaluation], document: dict, viewer: str = "") -> Path:
+    """Write every figure and ``report.html`` (with ``viewer``, the slice viewer's HTML); return the HTML path."""
     figures: list[tuple[str, Path]] = [
         ("Fig. 2: accuracy", figure_rmse(evaluations, document.get("paired_ttest"), out_dir / "fig2_rmse.png"))
     ]
@@ -263,7 +263,7 @@ def build_report(out_dir: Path, evaluations: dict[str, ArmEvaluation], document:
     if any(a.get("subject_miscoverage") for a in document["arms"].values()):
         figures.append(("Fig. 8: per-subject miscoverage",
                         figure_subject_miscoverage(document["arms"], out_dir / "fig8_subject_miscoverage.png")))
-    page = render_html(document, figures)
+    page = render_html(document, figures, viewer)
     atomic_write_text(out_dir / "report.html", page)
     return out_dir / "report.html"
 
@@ -353,8 +353,8 @@ def spread_table(arms: dict) -> str:
                    *[f"NLL after {c}" for c in nll_names]], rows) + note
 
 
-def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
-    """One self-contained page: summary tables, then every figure embedded as base64 PNG."""
+def render_html(document: dict, figures: list[tuple[str, Path]], viewer: str = "") -> str:
+    """One self-contained page: summary tables, the slice viewer, then every figure embedded as base64 PNG."""
     arms = document["arms"]
     summary = _table(
         ["arm", "RMSE", "MAE", "PSNR (dB)", "SSIM", "CRPS", "NLL", "PICP 95%", "AUSE",
@@ -408,6 +408,9 @@ def render_html(document: dict, figures: list[tuple[str, Path]]) -> str:
         f"<h2>Coverage per subject</h2>{miscoverage_table(arms)}"
         f"<h2>Coverage by region</h2>{region_table(arms)}"
         f"<h2>Per-subject RMSE</h2>{per_subject}<p>{html.escape(baseline_text)}</p><p>Timing: {html.escape(timing)}</p>"
-        f"<h2>Figures</h2>{images}</body></html>"
+        + (f"<h2>Slice viewer: every test subject</h2><p>Drag the slider (or use the arrow keys) to scroll "
+           "through the axial slices; red marks the voxels whose truth lies outside the arm's calibrated 90 % "
+           f"interval.</p>{viewer}" if viewer else "")
+        + f"<h2>Figures</h2>{images}</body></html>"
     )
 
