@@ -71,3 +71,17 @@ def site_dir(tmp_path, monkeypatch):
     yield site
     for module in [m for m in sys.modules if m.startswith("thirdparty_")]:
         del sys.modules[module]
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """A finished tiny run of 5 phantom subjects (2 test subjects), shared by the report and viewer tests."""
+    from test_training import TINY
+
+    from uqsynth.cli import main
+
+    root = tmp_path_factory.mktemp("report")
+    config = root / "tiny.toml"
+    config.write_text(TINY.replace("subjects = 3", "subjects = 5").replace("test_fraction = 0.34", "test_fraction = 0.4"))
+    assert main(["run", str(config), "--out", str(root / "run")]) == 0
+    return root / "run"

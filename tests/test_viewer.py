@@ -7,20 +7,13 @@ import shutil
 import subprocess
 
 import pytest
-from test_training import TINY
-
-from uqsynth.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("viewer")
-    config = root / "tiny.toml"
-    config.write_text(TINY.replace("subjects = 3", "subjects = 5").replace("test_fraction = 0.34", "test_fraction = 0.4"))
-    assert main(["run", str(config), "--out", str(root / "run")]) == 0
-    return root / "run" / "report.html"
+@pytest.fixture
+def report(finished):
+    return finished / "report.html"
 
 
 def rendered(page, fragment: str) -> dict[str, str]:
