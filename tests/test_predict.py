@@ -177,7 +177,7 @@ def test_predict_writes_six_maps_in_the_inputs_own_grid(predicted, orientation, 
     out = root / (f"out-{orientation}" if arm == "concrete" else f"out-{arm}")
     reference = nib.load(t1)
     names = map_file_names("phantom-000", 0.95, "t2")
-    assert outputs(out) == sorted([*names.values(), "phantom-000_uncertainty.json"])
+    assert outputs(out) == sorted([*names.values(), "phantom-000_uncertainty.json", "uncertainty_summary.csv"])
     maps = {name: nib.load(out / names[name]) for name in MAPS}
     brain = np.asanyarray(reference.dataobj) != 0
     for image in maps.values():

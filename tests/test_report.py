@@ -90,7 +90,8 @@ def test_report_is_one_offline_page_with_every_figure(finished):
     assert FIGURES <= {p.name for p in finished.glob("*.png")}
     page = (finished / "report.html").read_text()
     assert page.count("<figure><img") == len(FIGURES)
-    assert page.count("data:image/png;base64,") == len(FIGURES) + 2  # and the slice viewer's two subjects
+    assert page.count("data:image/png;base64,") == len(FIGURES)
+    assert page.count("data:image/jpeg;base64,") == 2  # the slice viewer's two subjects
     assert not re.search(r"(src|href)=['\"]https?://", page)  # nothing fetched when opened
     assert "paired t-test" in page and "calibration RMS before" in page
     assert "Coverage by region" in page and "mc PICP 90% after isotonic" in page and "white matter" in page

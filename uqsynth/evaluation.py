@@ -37,6 +37,7 @@ from uqsynth.data.slices import EvalVolume, axial_axis
 from uqsynth.errors import DataError
 from uqsynth.metrics import CohortEvaluator, paired_ttest
 from uqsynth.metrics._voxels import level_key
+from uqsynth.run_directory import ArmPaths
 
 #: Central interval levels scored in metrics.json (PICP and width at each).
 INTERVAL_LEVELS = (0.5, 0.8, 0.9, 0.95)
@@ -101,11 +102,11 @@ def _calibrated_nll(calibrator) -> object | None:
     return nll if probe.shape == (2,) else None
 
 
-def _components(predictions: Path, subject_id: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _components(predictions: ArmPaths, subject_id: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """The std components the run wrote for the subject (none for runs before they existed)."""
     found = {}
     for name in STD_COMPONENTS:
-        path = predictions / f"{subject_id}_{name}.nii.gz"
+        path = predictions.prediction(subject_id, name)
         if path.is_file():
             found[name] = read_prediction(path)
             if found[name].shape != shape:
@@ -123,23 +124,19 @@ def evaluate_arm(
     its epistemic and aleatoric std, where the run wrote them) are kept for
     the example figure.
     """
-    calibrators = {}
-    for spec in config.calibration.calibrators:
-        path = arm_dir / "calibrators" / f"{spec.name}.safetensors"
-        if path.is_file():
-            name, calibrator = load_calibrator(path, arm=arm_dir.name)
-            calibrators[name] = calibrator
+    paths = ArmPaths(arm_dir)
+    calibrators = dict(load_calibrator(paths.calibrator(name), arm=paths.name)
+                       for name in paths.fitted([spec.name for spec in config.calibration.calibrators]))
     nll_fns = {name: fn for name, fn in ((n, _calibrated_nll(c)) for n, c in calibrators.items()) if fn is not None}
     evaluator: CohortEvaluator | None = None
     example: dict[str, np.ndarray] = {}
-    predictions = arm_dir / "predictions"
     for subject_id in test_ids:
         volumes = dataset.load(subject_id)
         evaluation = EvalVolume(volumes, image_size=config.data.image_size)
-        mean = read_prediction(predictions / f"{subject_id}_mean.nii.gz")
-        std = read_prediction(predictions / f"{subject_id}_std.nii.gz")
+        mean = read_prediction(paths.prediction(subject_id, "mean"))
+        std = read_prediction(paths.prediction(subject_id, "std"))
         if mean.shape != evaluation.shape or std.shape != evaluation.shape:
-            raise DataError(f"{predictions}: {subject_id}'s maps have shape {mean.shape}, "
+            raise DataError(f"{paths.predictions}: {subject_id}'s maps have shape {mean.shape}, "
                             f"the subject {evaluation.shape}")
         axis = axial_axis(volumes.affine)
         if evaluator is None:
@@ -156,7 +153,7 @@ def evaluate_arm(
         evaluator.add(subject_id, truth, mean, std, mask, regions=regions, region_names=evaluation.region_names)
         if not example:
             example = {"source": evaluation.normalized_source(), "truth": truth, "mean": mean, "std": std,
-                       **_components(predictions, subject_id, evaluation.shape),
+                       **_components(paths, subject_id, evaluation.shape),
                        "mask": mask, "axis": np.array(axis), "subject": np.array(subject_id)}
     if evaluator is None:
         raise DataError("no test subjects to evaluate")

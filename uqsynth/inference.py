@@ -47,7 +47,7 @@ from uqsynth.model_files import load_tensors
 from uqsynth.models.base import Generator
 from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler, SamplerOptions, gaussian_interval
-from uqsynth.run_directory import outputs_difference
+from uqsynth.run_directory import ArmPaths, outputs_difference
 from uqsynth.training import GENERATOR_WEIGHTS, build_generator, build_likelihood
 
 #: The maps of a volume's posterior: mean, total std and its two parts.
@@ -173,17 +173,17 @@ def find_calibrator(
     """
     from uqsynth.calibration.io import load_calibrator
 
-    directory = model_dir / "calibrators"
-    configured = [spec.name for spec in arm.config.calibration.calibrators]
-    fitted = [n for n in configured if (directory / f"{n}.safetensors").is_file()]
+    paths = ArmPaths(model_dir)
+    fitted = paths.fitted([spec.name for spec in arm.config.calibration.calibrators])
     if name is None:
         if not fitted:
             return None
         name = fitted[0]
     elif name not in fitted:
         hint = f"fitted: {', '.join(fitted)}" if fitted else "none fitted yet"
-        raise ConfigError(f"{where or 'calibrator ' + name}: {directory} has no fitted calibrator {name!r} ({hint})")
-    return load_calibrator(directory / f"{name}.safetensors", arm=arm.name)
+        raise ConfigError(f"{where or 'calibrator ' + name}: {paths.calibrators} has no fitted calibrator {name!r} "
+                          f"({hint})")
+    return load_calibrator(paths.calibrator(name), arm=arm.name)
 
 
 def check_maps(maps: dict[str, np.ndarray], stem: str) -> None:
@@ -367,9 +367,7 @@ class Synthesizer:
 
     def calibrators(self) -> list[str]:
         """The fitted calibrators beside the arm, in the run's configured order (the first is the default)."""
-        directory = self.directory / "calibrators"
-        return [spec.name for spec in self.arm.config.calibration.calibrators
-                if (directory / f"{spec.name}.safetensors").is_file()]
+        return ArmPaths(self.directory).fitted([spec.name for spec in self.arm.config.calibration.calibrators])
 
     def calibrator(self, name: str | None = "default", *, where: str | None = None) -> tuple[str, Calibrator] | None:
         """A fitted calibrator by name; ``"default"``: the run's first fitted one (None if none); None: none."""
@@ -498,10 +496,10 @@ class Posterior:
         name = self.calibrator
         entry = interval_entry(
             level, lower[self.mask], upper[self.mask], name=name, calibrator=self._fitted,
-            calibrator_file=self.model.directory / "calibrators" / f"{name}.safetensors" if name else None,
+            calibrator_file=ArmPaths(self.model.directory).calibrator(name) if name else None,
         )
         return certificate(
-            volume=self.subject_id, arm=self.model.name, generator_file=self.model.directory / GENERATOR_WEIGHTS,
+            volume=self.subject_id, arm=self.model.name, generator_file=ArmPaths(self.model.directory).generator,
             likelihood=self.model.arm.config.arms[self.model.name].likelihood.name, samples=self.options.samples,
             seed=self.options.seed, std=self.std[self.mask], intervals=[entry],
             maps=names or self.file_names(level),

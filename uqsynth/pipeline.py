@@ -46,6 +46,7 @@ from uqsynth.plugins import PluginHost, get_host
 from uqsynth.posterior import PosteriorSampler
 from uqsynth.inference import load_arm, posterior_maps, sampler_options, write_maps
 from uqsynth.run_directory import (
+    ArmPaths,
     RunInputs,
     RunLock,
     bind_outputs,
@@ -232,12 +233,13 @@ def stage_sample(context: RunContext) -> None:
     for arm_name in config.arms:
         # Before the first prediction: which generator made them.
         on_main(world, lambda arm_dir=context.out_dir / arm_name: bind_outputs(arm_dir, arm_dir.name))
-        out_dir = context.out_dir / arm_name / "predictions"
+        paths = ArmPaths(context.out_dir / arm_name)
+        out_dir = paths.predictions
         out_dir.mkdir(parents=True, exist_ok=True)
         sampler = arm_sampler(context, arm_name)
         started, done = time.perf_counter(), 0
         for subject_id in world.shard(context.split.test):
-            if all((out_dir / f"{subject_id}_{name}.nii.gz").exists() for name in PREDICTED_MAPS):
+            if all(paths.prediction(subject_id, name).exists() for name in PREDICTED_MAPS):
                 continue
             volumes = context.dataset.load(subject_id)
             evaluation = EvalVolume(volumes, image_size=config.data.image_size, load_size=config.data.load_size)
@@ -286,11 +288,12 @@ def stage_calibrate(context: RunContext) -> None:
     config, world = context.config, context.world
     subjects = calibration_subjects(context)
     for arm_name in config.arms:
-        out_dir = context.out_dir / arm_name / "calibrators"
+        paths = ArmPaths(context.out_dir / arm_name)
+        out_dir = paths.calibrators
         # Rank 0's view of what is saved decides, so every rank takes part in the same collectives.
         # A file of an older format (fitted without a floor) is fitted again, like a missing one.
         pending = world.broadcast(
-            [s for s in config.calibration.calibrators if saved_format(out_dir / f"{s.name}.safetensors") != FORMAT]
+            [s for s in config.calibration.calibrators if saved_format(paths.calibrator(s.name)) != FORMAT]
         )
         if not pending:
             continue
@@ -319,7 +322,7 @@ def stage_calibrate(context: RunContext) -> None:
         if world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             for name, calibrator in calibrators.items():
-                save_calibrator(calibrator, out_dir / f"{name}.safetensors", name=name, arm=arm_name)
+                save_calibrator(calibrator, paths.calibrator(name), name=name, arm=arm_name)
         world.barrier()
         note = (f"; {degenerate} of them with a predicted std below {STD_FLOOR:g} (MC samples equal to "
                 f"round-off), fitted with the rest" if degenerate else "")
@@ -351,22 +354,22 @@ def stage_certify(context: RunContext) -> None:
     from uqsynth.certificate import certificate, certificate_path, interval_entry, write_certificate
     from uqsynth.evaluation import read_prediction
     from uqsynth.metrics import gaussian_interval
-    from uqsynth.training import GENERATOR_WEIGHTS
 
     config, world = context.config, context.world
+    configured = [spec.name for spec in config.calibration.calibrators]
     fitted = {}
     for arm_name in config.arms:
-        directory = context.out_dir / arm_name / "calibrators"
-        files = [directory / f"{spec.name}.safetensors" for spec in config.calibration.calibrators]
-        fitted[arm_name] = [(path, *load_calibrator(path, arm=arm_name)) for path in files if path.is_file()]
+        paths = ArmPaths(context.out_dir / arm_name)
+        fitted[arm_name] = [(paths.calibrator(name), *load_calibrator(paths.calibrator(name), arm=arm_name))
+                            for name in paths.fitted(configured)]
     started, written = time.perf_counter(), 0
     for subject_id in world.shard(context.split.test):
         volumes = context.dataset.load(subject_id)
         brain = EvalVolume(volumes, image_size=config.data.image_size).native_mask()
         for arm_name, arm in config.arms.items():
-            predictions = context.out_dir / arm_name / "predictions"
-            mean = read_prediction(predictions / f"{subject_id}_mean.nii.gz")[brain]
-            std = read_prediction(predictions / f"{subject_id}_std.nii.gz")[brain]
+            paths = ArmPaths(context.out_dir / arm_name)
+            mean = read_prediction(paths.prediction(subject_id, "mean"))[brain]
+            std = read_prediction(paths.prediction(subject_id, "std"))[brain]
             entries = []
             if not fitted[arm_name]:  # no calibrator configured: what the uncalibrated interval promises (nothing)
                 entries.append(interval_entry(CERTIFICATE_LEVEL, *gaussian_interval(mean, std, CERTIFICATE_LEVEL)))
@@ -376,12 +379,12 @@ def stage_certify(context: RunContext) -> None:
                 entries.append(interval_entry(level, lower, upper, name=name, calibrator=calibrator,
                                               calibrator_file=path))
             document = certificate(
-                volume=subject_id, arm=arm_name, generator_file=context.out_dir / arm_name / GENERATOR_WEIGHTS,
+                volume=subject_id, arm=arm_name, generator_file=paths.generator,
                 likelihood=arm.likelihood.name, samples=config.sampling.samples, seed=config.run.seed, std=std,
                 intervals=entries, maps={name: f"{subject_id}_{name}.nii.gz" for name in PREDICTED_MAPS},
                 region_names=volumes.region_names if volumes.regions is not None else None,
             )
-            write_certificate(certificate_path(predictions, subject_id), document)
+            write_certificate(certificate_path(paths.predictions, subject_id), document)
             written += 1
     written = int(world.all_reduce_sum(np.array(written)))
     context.say(f"certificates: {written} written beside the test subjects' predictions "

@@ -54,7 +54,8 @@ SPLIT_FILE = "split.json"
 RUN_FILES = ("config.toml", SPLIT_FILE, "timing.json", "metrics.json", "metrics.csv", "report.html")
 #: Which generator (sha256 of its file) made an arm's predictions and calibrators.
 OUTPUTS_FILE = "outputs.json"
-DERIVED = ("predictions", "calibrators")
+PREDICTIONS, CALIBRATORS = "predictions", "calibrators"
+DERIVED = (PREDICTIONS, CALIBRATORS)
 ROLES = ("train", "test", "calibration")
 _LISTED = 6  # changes named in one message before "and N more"
 
@@ -237,6 +238,49 @@ def check_existing_run(out_dir: Path, config: Config, inputs: RunInputs | None =
     if force:
         return True
     raise ConfigError(f"--out {out_dir}: {stale}; pass --force to retrain it from scratch, or choose another --out")
+
+
+@dataclass(frozen=True)
+class ArmPaths:
+    """Where an arm's files live, ``RUN/<arm>/...``: the one place the run layout is spelt out.
+
+    Stages, evaluation, the report's viewer and the library all find an
+    arm's generator, predictions and calibrators through it.
+    """
+
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        """The arm's name (its folder's)."""
+        return self.directory.name
+
+    @property
+    def generator(self) -> Path:
+        """The exported generator weights, ``generator.safetensors``."""
+        from uqsynth.training import GENERATOR_WEIGHTS
+
+        return self.directory / GENERATOR_WEIGHTS
+
+    @property
+    def predictions(self) -> Path:
+        return self.directory / PREDICTIONS
+
+    @property
+    def calibrators(self) -> Path:
+        return self.directory / CALIBRATORS
+
+    def prediction(self, subject_id: str, map_name: str) -> Path:
+        """A test subject's saved map, ``predictions/<id>_<map>.nii.gz``."""
+        return self.predictions / f"{subject_id}_{map_name}.nii.gz"
+
+    def calibrator(self, name: str) -> Path:
+        """A fitted calibrator's file, ``calibrators/<name>.safetensors``."""
+        return self.calibrators / f"{name}.safetensors"
+
+    def fitted(self, names: list[str]) -> list[str]:
+        """Those of ``names`` (calibrators, in the configured order) that have been fitted for this arm."""
+        return [name for name in names if self.calibrator(name).is_file()]
 
 
 # ------------------------------------------------------------------ the same data
