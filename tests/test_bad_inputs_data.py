@@ -27,6 +27,7 @@ from uqsynth.data.brats import BratsDataset, find_source_only
 from uqsynth.data.nifti import load_volume
 from uqsynth.data.paired_nifti import PairedNiftiDataset
 from uqsynth.errors import DataError
+from uqsynth.inference import map_file_names
 
 
 def brats_config(tmp_path: Path, root: Path) -> Path:
@@ -299,8 +300,9 @@ def test_predict_warns_and_marks_its_outputs(untrained_arm, tmp_path, capsys):
     warnings = [line for line in err if line.startswith("warning: ")]
     assert len(warnings) == 1, err
     assert warnings[0].startswith(f"warning: subject head: T1w file {t1} may not be skull-stripped")
+    names = map_file_names("head", 0.95, "t2")
     for name in ("mean", "std", "lower", "upper"):
-        descrip = nib.load(out / f"head_{name}.nii.gz").header["descrip"].tobytes()
+        descrip = nib.load(out / names[name]).header["descrip"].tobytes()
         assert descrip.startswith(b"uqsynth input warning: mask 58% of box, 14% of faces")
 
 

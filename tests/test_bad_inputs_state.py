@@ -143,42 +143,43 @@ def predict(model: Path, out: Path, *inputs: Path, extra: tuple[str, ...] = ()) 
 
 
 def test_predict_never_writes_over_one_of_its_inputs(tiny_run, tmp_path, capsys):
-    """The issue's example: a's std map would replace the input a_std.nii.gz in the same folder."""
+    """The issue's example: a's std map would replace the input a_desc-std_T2w.nii.gz in the same folder."""
     d = tmp_path / "d"
-    a, a_std = write(d / "a.nii.gz", brain()), write(d / "a_std.nii.gz", brain(1))
+    a, a_std = write(d / "a.nii.gz", brain()), write(d / "a_desc-std_T2w.nii.gz", brain(1))
     before = snapshot(d)
     line = refused(capsys, *predict(tiny_run / "mc", d, a, a_std))
-    assert_named(line, f"--out {d}: the output {d / 'a_std.nii.gz'} would replace the input {a_std} (--input)")
+    assert_named(line, f"--out {d}: the output {d / 'a_desc-std_T2w.nii.gz'} would replace the input {a_std} (--input)")
     assert snapshot(d) == before
 
 
 @pytest.mark.parametrize("route", ["symlink", "dotdot"])
 def test_predict_sees_an_input_through_links_and_dotdot(route, tiny_run, tmp_path, capsys):
     d = tmp_path / "d"
-    b, b_mean = write(d / "b.nii.gz", brain()), write(d / "b_mean.nii.gz", brain(1))
+    b, b_mean = write(d / "b.nii.gz", brain()), write(d / "b_desc-mean_T2w.nii.gz", brain(1))
     if route == "symlink":
         (tmp_path / "link").symlink_to(d)
-        inputs, out = (b, tmp_path / "link" / "b_mean.nii.gz"), d
+        inputs, out = (b, tmp_path / "link" / "b_desc-mean_T2w.nii.gz"), d
     else:
         (d / "sub").mkdir()
         inputs, out = (b, b_mean), d / "sub" / ".."
     before = snapshot(d)
     line = refused(capsys, *predict(tiny_run / "mc", out, *inputs))
-    assert_named(line, f"the output {out / 'b_mean.nii.gz'} would replace the input", "(--input)")
+    assert_named(line, f"the output {out / 'b_desc-mean_T2w.nii.gz'} would replace the input", "(--input)")
     assert snapshot(d) == before
 
 
 def test_predict_never_writes_over_the_rescale_reference(tiny_run, tmp_path, capsys):
     d = tmp_path / "d"
-    t1, reference = write(d / "x.nii.gz", brain()), write(d / "x_upper.nii.gz", brain(2))
+    t1, reference = write(d / "x.nii.gz", brain()), write(d / "x_desc-upper95_T2w.nii.gz", brain(2))
     before = snapshot(d)
     line = refused(capsys, *predict(tiny_run / "mc", d, t1, extra=("--rescale-like", str(reference))))
-    assert_named(line, f"the output {d / 'x_upper.nii.gz'} would replace the input {reference} (--rescale-like)")
+    assert_named(line, f"the output {d / 'x_desc-upper95_T2w.nii.gz'} would replace the input {reference} "
+                       "(--rescale-like)")
     assert snapshot(d) == before
 
 
 def test_predict_never_writes_over_the_models_own_files(tiny_run, tmp_path, capsys):
-    """--out inside the model: an input named like a test subject would replace the run's prediction of it."""
+    """--out inside the model: an input named like a test subject would replace the run's certificate of it."""
     run_copy = tmp_path / "run"
     shutil.copytree(tiny_run, run_copy)
     predictions = run_copy / "mc" / "predictions"
@@ -186,7 +187,7 @@ def test_predict_never_writes_over_the_models_own_files(tiny_run, tmp_path, caps
     t1 = write(tmp_path / "in" / f"{subject}.nii.gz", brain())
     before = snapshot(run_copy)
     line = refused(capsys, *predict(run_copy / "mc", predictions, t1))
-    assert_named(line, f"would replace the input {predictions / (subject + '_mean.nii.gz')} (--model)")
+    assert_named(line, f"would replace the input {predictions / (subject + '_uncertainty.json')} (--model)")
     assert snapshot(run_copy) == before
 
 

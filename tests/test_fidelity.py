@@ -27,7 +27,7 @@ from uqsynth.cli import main
 from uqsynth.data.base import SubjectVolumes
 from uqsynth.data.slices import EvalVolume, TrainSlices, from_model_range, tile_offsets, tile_window
 from uqsynth.posterior import PosteriorSampler, SamplerOptions, volume_seed
-from uqsynth.inference import posterior_maps
+from uqsynth.inference import map_file_names, posterior_maps
 
 # ------------------------------------------------------------ the contrast predict reads
 
@@ -41,7 +41,7 @@ def _as_if_trained_on(run, root, contrast: str) -> None:
 
 
 def _predicted_mean(out, stem: str) -> np.ndarray:
-    return np.asarray(nib.load(out / f"{stem}_mean.nii.gz").dataobj)
+    return np.asarray(nib.load(out / map_file_names(stem, 0.95, "t2")["mean"]).dataobj)
 
 
 @pytest.mark.parametrize("contrast", ["flair", "t1ce"])

@@ -406,10 +406,10 @@ class Synthesizer:
             samples: MC samples per slice (default: the run's ``sampling.samples``).
             calibrator: The fitted calibrator of the intervals: ``"default"`` (the
                 run's first fitted one, or Gaussian if none), a name, or None (Gaussian).
-            subject_id: What seeds the dropout masks and names the files (default: the
-                file's name, as ``uqsynth predict``: its BIDS entities or BraTS id, else the name
-                without ``.nii[.gz]``; ``"volume"``
-                for an array): the same id and seed give the same maps.
+            subject_id: What seeds the dropout masks and names the files (default, as
+                ``uqsynth predict``: the file's BIDS entities or BraTS id, else its name
+                without ``.nii[.gz]``; ``"volume"`` for an array): the same id and seed
+                give the same maps.
             progress: A progress bar on stderr.
 
         Raises:

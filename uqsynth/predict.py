@@ -86,8 +86,6 @@ def run_predict(
         for line in subject.warnings:  # also in each output's header (descrip)
             print(f"warning: {line}", file=sys.stderr)
         volumes.append(subject)
-    for line in lines:
-        print(line, file=sys.stderr)
     scale = robust_maximum(Path(rescale_like)) if rescale_like else 1.0
     out_dir = Path(out)
     # An output never replaces what this command reads (links and ".." resolved): --out may be the data folder.
@@ -108,6 +106,8 @@ def run_predict(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out {out_dir}: cannot create the directory: {exc.strerror or exc}") from None
+    for line in lines:  # what the inputs gave, once everything has been checked
+        print(line, file=sys.stderr)
     T = synthesizer.sampler(samples).options.samples
     interval = f"calibrated by {fitted[0]}" if fitted else "Gaussian (no fitted calibrator)"
     print(f"arm {synthesizer.name}: T={T} samples, interval at level {level}: {interval}, "
