@@ -295,11 +295,6 @@ def write_dataset_description(directory: Path) -> Path:
     return path
 
 
-def input_stem(path: Path) -> str:
-    """A volume's default id from its file name (:func:`uqsynth.data.inputs.volume_id`: ``sub-01_T1w.nii.gz`` -> ``sub-01``)."""
-    return volume_id(path)
-
-
 def read_source(
     t1: str | Path | nib.spatialimages.SpatialImage | np.ndarray,
     affine: np.ndarray | None = None,
@@ -314,13 +309,13 @@ def read_source(
             raise DataError(f"{path}: no such file or directory")
         if not is_nifti(path):
             raise DataError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
-        return load_source(path, subject_id=subject_id or input_stem(path), role=role)
+        return load_source(path, subject_id=subject_id or volume_id(path), role=role)
     if isinstance(t1, nib.spatialimages.SpatialImage):
         if affine is not None:
             raise ConfigError("predict: a nibabel image carries its affine; pass affine only with a numpy array")
         name = t1.get_filename()
         return source_from_array(np.asanyarray(t1.dataobj, dtype=np.float32), t1.affine, t1.header,
-                                 subject_id=subject_id or (input_stem(Path(name)) if name else "volume"),
+                                 subject_id=subject_id or (volume_id(Path(name)) if name else "volume"),
                                  role=role, where=name or "the nibabel image")
     if isinstance(t1, np.ndarray):
         if affine is None:
@@ -488,8 +483,8 @@ class Posterior:
 
     def file_names(self, level: float = 0.95, layout: str = "flat") -> dict[str, str]:
         """Map name -> file name (:func:`map_file_names`), with the id a BIDS tree uses for ``layout="bids"``."""
-        volume_id = bids_volume_id(self.subject_id) if layout == "bids" else self.subject_id
-        return map_file_names(volume_id, level, dataset_contrast(self.model.arm.config, "target"))
+        _, stem = output_place(Path(), self.subject_id, layout)
+        return map_file_names(stem, level, dataset_contrast(self.model.arm.config, "target"))
 
     def _certificate(self, level: float, lower: np.ndarray, upper: np.ndarray,
                      names: dict[str, str] | None = None) -> dict[str, object]:
@@ -517,7 +512,7 @@ class Posterior:
         if layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, found {layout!r}")
         root = Path(directory)
-        folder = root / bids_folder(self.subject_id) if layout == "bids" else root
+        folder, stem = output_place(root, self.subject_id, layout)
         names = self.file_names(level, layout)
         maps = self.maps(level)
         check_maps(maps, self.subject_id)  # before the certificate's numbers are computed from them
@@ -527,7 +522,6 @@ class Posterior:
         if layout == "bids":
             write_dataset_description(root)
         written = write_maps(maps, self.volumes, folder, self.subject_id, names)
-        stem = bids_volume_id(self.subject_id) if layout == "bids" else self.subject_id
         try:
             written.append(write_certificate(certificate_path(folder, stem), document))
         except BaseException:  # a map set without its certificate is not a set: none of it stays
@@ -536,18 +530,19 @@ class Posterior:
             raise
         return written
 
-    def planned_files(self, directory: str | Path, *, level: float = 0.95, layout: str = "flat") -> list[Path]:
-        """The files :meth:`save` would write (to check before writing anything)."""
-        return planned_files(directory, self.subject_id, level, dataset_contrast(self.model.arm.config, "target"),
-                             layout)
+def output_place(directory: Path, volume_id: str, layout: str) -> tuple[Path, str]:
+    """Where a volume's files go and the id they are named with: ``directory`` and the id, or for
+    ``layout="bids"`` its ``sub-*/[ses-*/]anat`` folder and the BIDS id (:func:`bids_volume_id`)."""
+    if layout == "bids":
+        return directory / bids_folder(volume_id), bids_volume_id(volume_id)
+    return directory, volume_id
 
 
 def planned_files(directory: str | Path, volume_id: str, level: float, contrast: str | None,
                   layout: str = "flat") -> list[Path]:
     """The files :meth:`Posterior.save` writes for a volume, computable before sampling it."""
     root = Path(directory)
-    folder = root / bids_folder(volume_id) if layout == "bids" else root
-    stem = bids_volume_id(volume_id) if layout == "bids" else volume_id
+    folder, stem = output_place(root, volume_id, layout)
     names = map_file_names(stem, level, contrast)
     extra = [root / "dataset_description.json"] if layout == "bids" else []
     return [*(folder / name for name in names.values()), certificate_path(folder, stem), *extra]
