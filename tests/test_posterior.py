@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from uqsynth.layers import ConcreteDropout, MCDropout, sampling
+from uqsynth.layers import ConcreteDropout, MCDropout, StochasticLayer, sampling
 from uqsynth.models.base import Generator
 from uqsynth.models.unet import UnetGenerator
 from uqsynth.posterior import PosteriorSampler, SamplerOptions, StreamingMoments, gaussian_interval
@@ -41,12 +41,15 @@ def test_cached_prefix_equals_the_full_network_with_the_same_masks(layer):
 
 
 class LinearAfterDropout(Generator):
-    """y = sum_c w_c * dropout(x)_c: mean sum_c w_c x_c, variance p/(1-p) sum_c (w_c x_c)^2."""
+    """y = sum_c w_c * dropout(x)_c: mean sum_c w_c x_c, variance p/(1-p) sum_c (w_c x_c)^2.
 
-    def __init__(self, weights: torch.Tensor, p: float) -> None:
+    ``p`` is MC dropout's; any other stochastic layer can be given as ``layer``.
+    """
+
+    def __init__(self, weights: torch.Tensor, p: float = 0.5, layer: StochasticLayer | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels = weights.numel(), 1
-        self.dropout = MCDropout(p=p)
+        self.dropout = MCDropout(p=p) if layer is None else layer
         self.mix = nn.Conv2d(weights.numel(), 1, 1, bias=False)
         with torch.no_grad():
             self.mix.weight.copy_(weights.view(1, -1, 1, 1))

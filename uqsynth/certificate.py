@@ -110,7 +110,7 @@ def certificate(
     arm: str,
     generator_file: Path,
     likelihood: str,
-    samples: int,
+    sampling: Mapping[str, object],
     seed: int,
     std: np.ndarray,
     intervals: Sequence[Mapping[str, object]],
@@ -124,7 +124,8 @@ def certificate(
         arm: The trained arm that made them.
         generator_file: Its ``generator.safetensors`` (sha256 recorded).
         likelihood: The arm's likelihood (``l1``, ``laplace``, ...).
-        samples, seed: The MC samples per slice and the seed.
+        sampling: How the MC samples were drawn (:meth:`SamplerOptions.record
+            <uqsynth.posterior.SamplerOptions.record>`: T, or the adaptive rule), and seed the seed.
         std: The total std over the brain voxels (normalized scale).
         intervals: :func:`interval_entry` dicts.
         maps: Map name -> file name beside the certificate, where it sits beside maps.
@@ -136,7 +137,7 @@ def certificate(
         "uqsynth_version": uqsynth.__version__,
         "volume": volume,
         "model": {"arm": arm, "generator_sha256": sha256_of(generator_file), "likelihood": likelihood,
-                  "samples": int(samples), "seed": int(seed)},
+                  **sampling, "seed": int(seed)},
         "intervals": [dict(entry) for entry in intervals],
         "summary": volume_summary(std),
     }

@@ -263,7 +263,22 @@ class ArmConfig:
 class SamplingConfig:
     """``[sampling]``: Monte Carlo posterior sampling at test time."""
 
-    samples: Annotated[int, Interval(2, None)] = field(default=20, metadata={"doc": "Forward passes T per slice."})
+    samples: Annotated[int, Interval(2, None)] | Literal["auto"] = field(
+        default=20,
+        metadata={"doc": 'Forward passes T per slice, or "auto": per slice until the std map\'s estimated relative '
+                         "standard error is at most sampling.tolerance (at most sampling.max_samples)."},
+    )
+    tolerance: Annotated[float, Interval(0.0, 1.0, closed="neither")] = field(
+        default=0.05, metadata={"doc": 'Relative standard error of each slice\'s std map that ends sampling (samples = "auto").'}
+    )
+    max_samples: Annotated[int, Interval(4, None)] = field(
+        default=200, metadata={"doc": 'The cap on T with samples = "auto".'}
+    )
+    variance_reduction: Literal["none", "antithetic", "stratified"] = field(
+        default="none",
+        metadata={"doc": "How a slice's dropout masks are drawn: independent, in antithetic pairs, or stratified "
+                         "(Latin hypercube over its samples)."},
+    )
     precision: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32", metadata={"doc": "Autocast for sampling (fp16 needs a GPU)."}
     )

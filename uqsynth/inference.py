@@ -98,10 +98,14 @@ def load_arm(model_dir: str | Path, host: PluginHost | None = None, *, where: st
 
 
 def sampler_options(config: Config, samples: int | None = None) -> SamplerOptions:
-    """The engine options of a run's ``[sampling]`` table (``samples`` overrides T)."""
+    """The engine options of a run's ``[sampling]`` table (``samples`` overrides T, fixing it)."""
     table = config.sampling
+    adaptive = samples is None and table.samples == "auto"
     return SamplerOptions(
-        samples=samples if samples is not None else table.samples,
+        samples=table.max_samples if adaptive else samples if samples is not None else table.samples,
+        tolerance=table.tolerance if adaptive else None,
+        min_samples=min(10, table.max_samples),
+        variance_reduction=table.variance_reduction,
         seed=config.run.seed,
         memory_budget_mb=table.memory_budget_mb,
         precision=table.precision,
@@ -420,9 +424,11 @@ class Synthesizer:
         sampler = self.sampler(samples)
         data = self.arm.config.data
         evaluation = EvalVolume(volumes, image_size=data.image_size, load_size=data.load_size)
+        drawn = sampler.slice_samples_drawn
         maps = posterior_maps(sampler, evaluation, progress=progress)
         posterior = Posterior(self, volumes, evaluation.native_mask(), maps, fitted, sampler.options)
         posterior.slices, posterior.network_inputs = len(evaluation), len(evaluation.source)  # inputs: tiles
+        posterior.slice_samples = sampler.slice_samples_drawn - drawn  # T per input, or each its own with auto
         return posterior
 
 
@@ -440,10 +446,13 @@ class Posterior:
         calibrator: The fitted calibrator's name, or None (Gaussian intervals).
         slices, network_inputs: Axial slices sampled, and the network inputs they made (tiles at
             the training scale; more than the slices when a slice is larger than the training crops).
+        slice_samples: Stochastic forward passes over all network inputs (T each, or with
+            ``sampling.samples = "auto"`` as many as each needed).
     """
 
     slices: int = 0
     network_inputs: int = 0
+    slice_samples: int = 0
 
     def __init__(self, model: Synthesizer, volumes: SubjectVolumes, mask: np.ndarray, maps: dict[str, np.ndarray],
                  fitted: tuple[str, Calibrator] | None, options: SamplerOptions) -> None:
@@ -455,7 +464,7 @@ class Posterior:
 
     def __repr__(self) -> str:
         return (f"Posterior({self.subject_id!r}, shape={self.mean.shape}, arm={self.model.name!r}, "
-                f"T={self.options.samples}, calibrator={self.calibrator!r})")
+                f"{self.options.describe()}, calibrator={self.calibrator!r})")
 
     def interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """The central interval at ``level``: the calibrator's (its promise: :meth:`certificate`), else Gaussian."""
@@ -495,7 +504,7 @@ class Posterior:
         )
         return certificate(
             volume=self.subject_id, arm=self.model.name, generator_file=ArmPaths(self.model.directory).generator,
-            likelihood=self.model.arm.config.arms[self.model.name].likelihood.name, samples=self.options.samples,
+            likelihood=self.model.arm.config.arms[self.model.name].likelihood.name, sampling=self.options.record(),
             seed=self.options.seed, std=self.std[self.mask], intervals=[entry],
             maps=names or self.file_names(level),
         )

@@ -74,7 +74,7 @@ def describe_run(
     source = options + (f" at {data.root}" if data.root and _takes_root(host, data.source) else "")
     scale = (
         f"{data.image_size}x{data.image_size} slices (load {data.load_size}), "
-        f"{config.train.epochs} epoch(s), batch {config.train.batch_size}, T={config.sampling.samples}"
+        f"{config.train.epochs} epoch(s), batch {config.train.batch_size}, {sampler_options(config).describe()}"
     )
     if config.train.ema_decay:
         scale += f", generator weight average (decay {config.train.ema_decay:g})"
@@ -248,7 +248,7 @@ def stage_sample(context: RunContext) -> None:
             done += 1
         done = int(world.all_reduce_sum(np.array(done)))
         processes = f" on {world.size} processes" if world.distributed else ""
-        context.say(f"arm {arm_name}: sampled {done} test subject(s) with T={config.sampling.samples}{processes} "
+        context.say(f"arm {arm_name}: sampled {done} test subject(s) with {sampler.options.describe()}{processes} "
                     f"in {time.perf_counter() - started:.1f} s -> {out_dir}")
 
 
@@ -380,7 +380,7 @@ def stage_certify(context: RunContext) -> None:
                                               calibrator_file=path))
             document = certificate(
                 volume=subject_id, arm=arm_name, generator_file=paths.generator,
-                likelihood=arm.likelihood.name, samples=config.sampling.samples, seed=config.run.seed, std=std,
+                likelihood=arm.likelihood.name, sampling=sampler_options(config).record(), seed=config.run.seed, std=std,
                 intervals=entries, maps={name: f"{subject_id}_{name}.nii.gz" for name in PREDICTED_MAPS},
                 region_names=volumes.region_names if volumes.regions is not None else None,
             )

@@ -108,9 +108,9 @@ def run_predict(
         raise ConfigError(f"--out {out_dir}: cannot create the directory: {exc.strerror or exc}") from None
     for line in lines:  # what the inputs gave, once everything has been checked
         print(line, file=sys.stderr)
-    T = synthesizer.sampler(samples).options.samples
+    sampling_rule = synthesizer.sampler(samples).options.describe()
     interval = f"calibrated by {fitted[0]}" if fitted else "Gaussian (no fitted calibrator)"
-    print(f"arm {synthesizer.name}: T={T} samples, interval at level {level}: {interval}, "
+    print(f"arm {synthesizer.name}: {sampling_rule} samples, interval at level {level}: {interval}, "
           f"device {synthesizer.device}, intensities: "
           f"{'rescaled like ' + rescale_like if rescale_like else 'normalized [0, 1]'}", file=sys.stderr)
     summaries = []
@@ -124,8 +124,9 @@ def run_predict(
         summary = volume_row(subject.subject_id, written[-1], out_dir)
         summaries.append(summary)
         width = "infinite" if summary["mean_width"] is None else f"{summary['mean_width']:.2f}"
-        print(f"{subject.subject_id}: {slices} slices{tiles} x {T} samples in {seconds:.1f} s "
-              f"({inputs * T / seconds:.0f} slice-samples/s) -> {len(written)} files in {written[0].parent}; "
+        drawn = posterior.slice_samples
+        print(f"{subject.subject_id}: {slices} slices{tiles} x {drawn / inputs:.3g} samples in {seconds:.1f} s "
+              f"({drawn / seconds:.0f} slice-samples/s) -> {len(written)} files in {written[0].parent}; "
               f"nSTD {summary['nstd']:.2f}, mean {level:g} interval width {width} (on [0, 255])", file=sys.stderr)
     table = triage_rows(summaries)
     write_csv(out_dir / SUMMARY_FILE, table)

@@ -19,9 +19,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from uqsynth.errors import PluginError
+from uqsynth.layers.designs import SampleDesign
 
 
 class StochasticLayer(nn.Module):
@@ -39,11 +43,20 @@ class StochasticLayer(nn.Module):
     the next layer that reads its output). Layers that need neither ignore
     them. Layers learn nothing about their input's shape until the first
     forward pass, so their regularizer is only defined after it.
+
+    A layer whose noise is a function of uniforms draws them with
+    :meth:`uniform` and lists the designs it supports in
+    :attr:`supported_designs`; the sampling engine can then arrange a
+    slice's samples (antithetic pairs, stratified: :mod:`uqsynth.layers.designs`).
     """
+
+    #: Sample designs (:data:`uqsynth.layers.designs.DESIGNS`) the layer honours; none by default.
+    supported_designs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self) -> None:
         super().__init__()
         self.sampling = False
+        self.design: SampleDesign | None = None  # set by :func:`sample_design`, for one pass at a time
         # Plain lists keep the attached parameters out of this module's
         # state_dict and parameters(): they belong to the neighbouring layers.
         self._preceding: list[WeightSlice] = []
@@ -59,6 +72,15 @@ class StochasticLayer(nn.Module):
     def deterministic(self, x: torch.Tensor) -> torch.Tensor:
         """Return the output with sampling off (by default the input itself)."""
         return x
+
+    def uniform(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``U(0, 1)`` noise of ``shape`` for :meth:`sample`, arranged by the current design if one is set.
+
+        Without a design this is exactly ``torch.rand(shape, device=device, dtype=dtype)``.
+        """
+        if self.design is None:
+            return torch.rand(shape, device=device, dtype=dtype)
+        return self.design.uniform(shape, device, dtype)
 
     def regularizer(self) -> torch.Tensor:
         """Return this layer's KL / regularization term (a scalar tensor).
@@ -200,15 +222,46 @@ def sampling(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     an exception cannot leave a model sampling by accident. BatchNorm and
     every other module keep whatever train/eval mode they are in.
     """
-    layers = list(stochastic_layers(model))
-    previous = [layer.sampling for layer in layers]
-    for layer in layers:
-        layer.sampling = enabled
-    try:
+    with _layers_set(list(stochastic_layers(model)), "sampling", enabled):
         yield model
+
+
+@contextlib.contextmanager
+def sample_design(model: nn.Module, design: SampleDesign | None) -> Iterator[nn.Module]:
+    """Context manager: every stochastic layer of ``model`` draws its noise by ``design`` inside the block.
+
+    ``None`` (or the ``"independent"`` design) leaves the layers as they are.
+
+    Raises:
+        PluginError: A layer does not support the design (it draws its noise
+            some other way than :meth:`StochasticLayer.uniform`).
+    """
+    if design is None or design.kind == "independent":
+        yield model
+        return
+    layers = list(stochastic_layers(model))
+    for layer in layers:
+        if design.kind not in layer.supported_designs:
+            raise PluginError(
+                f"stochastic layer {type(layer).__name__} does not support the {design.kind!r} sample design "
+                f"(it supports: {', '.join(sorted(layer.supported_designs)) or 'none'}); "
+                'use sampling.variance_reduction = "none"'
+            )
+    with _layers_set(layers, "design", design):
+        yield model
+
+
+@contextlib.contextmanager
+def _layers_set(layers: list[StochasticLayer], name: str, value: object) -> Iterator[None]:
+    """Set attribute ``name`` of every layer to ``value`` inside the block; each layer's own value comes back after."""
+    previous = [getattr(layer, name) for layer in layers]
+    for layer in layers:
+        setattr(layer, name, value)
+    try:
+        yield
     finally:
         for layer, state in zip(layers, previous):
-            layer.sampling = state
+            setattr(layer, name, state)
 
 
 def total_regularizer(model: nn.Module) -> torch.Tensor:

@@ -103,9 +103,11 @@ class ConcreteDropout(StochasticLayer):
         self._input_shape = tuple(x.shape[1:])
         return super().forward(x)
 
+    supported_designs = frozenset({"independent", "antithetic", "stratified"})
+
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(self.p_logit).to(x.dtype)
-        u = torch.rand(mask_shape(x, self.channelwise), device=x.device, dtype=x.dtype)
+        u = self.uniform(mask_shape(x, self.channelwise), x.device, x.dtype)
         eps = self.eps
         logits = torch.log(p + eps) - torch.log(1 - p + eps) + torch.log(u + eps) - torch.log(1 - u + eps)
         drop = torch.sigmoid(logits / self.temperature)

@@ -28,9 +28,15 @@ class MCDropout(StochasticLayer):
         self.p = float(p)
         self.channelwise = bool(channelwise)
 
+    supported_designs = frozenset({"independent", "antithetic", "stratified"})
+
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         keep = 1.0 - self.p
-        mask = torch.empty(mask_shape(x, self.channelwise), device=x.device, dtype=x.dtype).bernoulli_(keep)
+        shape = mask_shape(x, self.channelwise)
+        if self.design is None:  # torch's Bernoulli kernel: the masks of every run so far
+            mask = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(keep)
+        else:  # kept where a designed uniform falls below 1 - p: the same Bernoulli(1 - p) per sample
+            mask = (self.uniform(shape, x.device, torch.float32) < keep).to(x.dtype)
         return x * mask / keep
 
     def extra_repr(self) -> str:
