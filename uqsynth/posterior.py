@@ -92,10 +92,11 @@ class StreamingMoments:
         k = batch.shape[dim]
         batch_mean = batch.mean(dim)
         deviation = batch - batch_mean.unsqueeze(dim)
-        batch_m2 = deviation.square().sum(dim)
-        if self.fourth:
-            batch_m3 = deviation.pow(3).sum(dim)
-            batch_m4 = deviation.pow(4).sum(dim)
+        squared = deviation.square()
+        batch_m2 = squared.sum(dim)
+        if self.fourth:  # products, not pow(): torch's integer pow is many times slower on a CPU
+            batch_m3 = (squared * deviation).sum(dim)
+            batch_m4 = squared.square().sum(dim)
         if self.mean is None:
             self.mean, self.m2, self.count = batch_mean, batch_m2, k
             if self.fourth:
@@ -104,15 +105,16 @@ class StreamingMoments:
         n, total = self.count, self.count + k
         delta = batch_mean - self.mean
         if self.fourth:  # before m2 changes: both use the old sums
+            delta2 = delta.square()
             self.m4 = (
                 self.m4 + batch_m4
-                + delta.pow(4) * (n * k * (n * n - n * k + k * k) / total**3)
-                + 6.0 * delta.square() * (n * n * batch_m2 + k * k * self.m2) / total**2
+                + delta2.square() * (n * k * (n * n - n * k + k * k) / total**3)
+                + 6.0 * delta2 * (n * n * batch_m2 + k * k * self.m2) / total**2
                 + 4.0 * delta * (n * batch_m3 - k * self.m3) / total
             )
             self.m3 = (
                 self.m3 + batch_m3
-                + delta.pow(3) * (n * k * (n - k) / total**2)
+                + delta2 * delta * (n * k * (n - k) / total**2)
                 + 3.0 * delta * (n * batch_m2 - k * self.m2) / total
             )
         self.mean = self.mean + delta * (k / total)
@@ -518,7 +520,8 @@ def std_relative_error(means: StreamingMoments, variances: StreamingMoments | No
     positive = total > 0
     if not positive.any():
         return 0.0
-    return math.sqrt(float((squared_error[positive] / (4.0 * total[positive])).sum() / total[positive].sum()))
+    per_voxel = torch.where(positive, squared_error / (4.0 * total.clamp_min(torch.finfo(total.dtype).tiny)), 0.0)
+    return math.sqrt(float(per_voxel.sum() / total.clamp_min(0).sum()))
 
 
 def volume_seed(seed: int, key: str) -> int:
