@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from uqsynth.layers import MCDropout, sampling
+from uqsynth.likelihoods import Likelihood
 from uqsynth.models.base import Generator
 from uqsynth.models.timm_unet import TimmUnetGenerator
 from uqsynth.models.unet import UnetGenerator
@@ -292,12 +293,19 @@ def pix2pix_computation(generator: Generator) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """No gradients and a private RNG seeded with ``seed`` (the caller's random state is restored after)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
 def _mc_state(generator: torch.nn.Module, device: torch.device, seed: int) -> Iterator[None]:
     """Eval mode, sampling on, no gradients, and a private RNG seeded with ``seed``."""
     generator.eval()
-    devices = [device] if device.type == "cuda" else []
-    with torch.no_grad(), sampling(generator), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with sampling(generator), seeded(device, seed):
         yield
 
 
@@ -377,11 +385,14 @@ def fast_options(device: torch.device) -> dict:
     return {"precision": "bf16", "channels_last": False, "compile": True}
 
 
-def make_sampler(generator: Generator, device: torch.device, samples: int, **options) -> PosteriorSampler:
+def make_sampler(
+    generator: Generator, device: torch.device, samples: int, *, seed: int = SAMPLING_SEED,
+    likelihood: Likelihood | None = None, **options
+) -> PosteriorSampler:
     """A sampler on a private copy of ``generator`` (channels_last converts a module in place)."""
     if options.get("channels_last"):
         generator = copy.deepcopy(generator)
-    return PosteriorSampler(generator, SamplerOptions(samples=samples, seed=SAMPLING_SEED, **options), device)
+    return PosteriorSampler(generator, SamplerOptions(samples=samples, seed=seed, **options), device, likelihood)
 
 
 def executed_flops_per_sample(sampler: PosteriorSampler, x: torch.Tensor, samples: int) -> float:
