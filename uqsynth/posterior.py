@@ -332,7 +332,7 @@ class PosteriorSampler:
         estimated relative standard error of its std map (:func:`std_relative_error`)
         is above the tolerance, another round for those slices only, sized
         by the error's ``1 / sqrt(T)`` decay for the one closest to done (at
-        least a quarter of what it has), up to ``samples`` passes in all.
+        least 2 passes and a sixteenth of what it has), up to ``samples`` passes in all.
         Slices leave a chunk, none join, so the slices still sampling always
         share one count.
         """
@@ -421,9 +421,11 @@ class PosteriorSampler:
                 group = max(1, per_pass // k)
                 for start in range(0, len(active), group):
                     members = active[start : start + group]
-                    index = torch.tensor(members, device=x.device)
-                    sub_x = x[index]
-                    sub_cache = None if cache is None else tuple(t[index] for t in cache)
+                    sub_x, sub_cache = x, cache
+                    if len(members) < n:  # some slices are done: gather the others' inputs
+                        index = torch.tensor(members, device=x.device)
+                        sub_x = x[index]
+                        sub_cache = None if cache is None else tuple(t[index] for t in cache)
                     for first in range(0, k, per_pass):
                         draws = self._draws(sub_x, sub_cache, min(per_pass, k - first))
                         self._accumulate(draws, members, means, variances)
@@ -435,7 +437,7 @@ class PosteriorSampler:
                     # Relative error ~ 1 / sqrt(T): the closest slice needs count * (error / tolerance)^2.
                     closest = min(float(errors[i]) for i in active)
                     wanted = math.ceil(count * (closest / options.tolerance) ** 2) - count
-                    k = min(max(wanted, 2, count // 4), options.samples - count)
+                    k = min(max(wanted, 2, count // 16), options.samples - count)
         has_aleatoric = variances[0].mean is not None
         stack = lambda values: torch.stack([v.float().cpu() for v in values])  # noqa: E731
         return Posterior(
