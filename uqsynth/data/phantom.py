@@ -50,7 +50,8 @@ rates (the fast-exchange approximation), with a +/-2 % smooth texture.
 Signals:
 
 * T1w: spoiled gradient echo, S = PD sin(a) (1 - E1) / (1 - cos(a) E1) exp(-TE/T2*),
-  E1 = exp(-TR/T1), TR ~ 10 ms, a 10-15 deg, TE ~ 4 ms. T2* is taken as
+  E1 = exp(-TR/T1), TR ~ 10 ms, a 10-15 deg (``t1w_flip_deg``; 20-30 deg gives a
+  more strongly T1-weighted image, see :func:`make_phantom`), TE ~ 4 ms. T2* is taken as
   0.8 T2 (:data:`T2STAR_FACTOR`): at 3 T static-field inhomogeneity shortens T2*
   to roughly 0.7-0.9 T2 in brain tissue, and with TE = 4 ms the term moves
   the T1w signal by a few percent at most, so a fixed ratio suffices.
@@ -296,6 +297,20 @@ def _check_shape(shape) -> tuple[int, int, int]:
     return tuple(int(n) for n in entries)
 
 
+def _check_flip_range(t1w_flip_deg) -> tuple[float, float]:
+    """``(low, high)`` flip angles of the T1w in degrees, ``0 < low <= high < 90``."""
+    try:
+        low, high = (float(v) for v in t1w_flip_deg)
+        valid = not any(isinstance(v, bool) for v in t1w_flip_deg) and 0.0 < low <= high < 90.0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise DataError(
+            f"phantom: t1w_flip_deg must be two angles in degrees, 0 < low <= high < 90, got {t1w_flip_deg!r}"
+        )
+    return low, high
+
+
 def _check_probability(lesion_probability) -> float:
     if (
         not isinstance(lesion_probability, numbers.Real)
@@ -478,10 +493,14 @@ def _draw_lesion(rng: np.random.Generator, lesion_probability: float) -> dict:
     }
 
 
-def _draw_sequences(rng: np.random.Generator) -> dict:
-    """Sequence parameters, bias-field polynomials and noise levels for both contrasts."""
+def _draw_sequences(rng: np.random.Generator, t1w_flip_deg: tuple[float, float]) -> dict:
+    """Sequence parameters, bias-field polynomials and noise levels for both contrasts.
+
+    The flip-angle range only moves the T1w's flip: every draw consumes the same random number.
+    """
     out = {}
-    for name, ranges in (("t1w", T1W_SEQUENCE), ("t2w", T2W_SEQUENCE)):
+    t1w = {**T1W_SEQUENCE, "flip_deg": t1w_flip_deg}
+    for name, ranges in (("t1w", t1w), ("t2w", T2W_SEQUENCE)):
         params = {key: float(rng.uniform(lo, hi)) for key, (lo, hi) in ranges.items()}
         params["bias_amplitude"] = float(rng.uniform(0.10, 0.20))
         params["noise_fraction"] = float(rng.uniform(0.02, 0.04))
@@ -713,6 +732,7 @@ def make_phantom(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     voxel_size_mm: float | None = None,
     lesion_probability: float = 0.7,
+    t1w_flip_deg: tuple[float, float] = T1W_SEQUENCE["flip_deg"],
 ) -> PhantomSubject:
     """Generate one subject with its ground truth (fractions, maps, bias fields).
 
@@ -725,6 +745,13 @@ def make_phantom(
             :data:`DEFAULT_SHAPE`, 4 mm at (48, 56, 40)). The brain has a fixed
             physical size, so a smaller field of view crops it.
         lesion_probability: Chance that the subject has a lesion.
+        t1w_flip_deg: Range of the T1w's flip angle (degrees). The default,
+            10-15 degrees at TR 10 ms, is barely above the Ernst angle of brain
+            tissue (about 8 degrees), so the T1w is half proton-density weighted
+            and edema, whose higher PD offsets its longer T1, reads within a few
+            percent of white matter. 20-30 degrees gives the grey/white contrast
+            of clinical 3D T1w scans (GM/WM 0.75) and edema about 15 % below white
+            matter: a lesion the T1w shows.
 
     Returns:
         The subject's volumes and the maps they were simulated from.
@@ -736,6 +763,7 @@ def make_phantom(
     seed = _check_count("seed", seed, 0)
     shape = _check_shape(shape)
     lesion_probability = _check_probability(lesion_probability)
+    t1w_flip_deg = _check_flip_range(t1w_flip_deg)
     voxel_mm = _voxel_size(shape, voxel_size_mm)
 
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(5)]
@@ -743,7 +771,7 @@ def make_phantom(
     anatomy = _draw_anatomy(rng_anatomy)
     lesion = _draw_lesion(rng_lesion, lesion_probability)
     tissues = {name: tissue.draw(rng_tissue) for name, tissue in TISSUES.items()}
-    sequences = _draw_sequences(rng_sequence)
+    sequences = _draw_sequences(rng_sequence, t1w_flip_deg)
 
     axes_mm = [(np.arange(n) - (n - 1) / 2.0) * voxel_mm for n in shape]
     coords = _template_coordinates(anatomy, axes_mm)
@@ -809,6 +837,7 @@ def make_subject(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     voxel_size_mm: float | None = None,
     lesion_probability: float = 0.7,
+    t1w_flip_deg: tuple[float, float] = T1W_SEQUENCE["flip_deg"],
 ) -> SubjectVolumes:
     """Generate one subject's paired T1w (source) and T2w (target) volumes.
 
@@ -829,6 +858,7 @@ def make_subject(
         shape=shape,
         voxel_size_mm=voxel_size_mm,
         lesion_probability=lesion_probability,
+        t1w_flip_deg=t1w_flip_deg,
     ).volumes
 
 
@@ -843,6 +873,8 @@ class PhantomDataset(Dataset):
         seed: Data-set seed; the same seed gives the same subjects.
         shape: Grid of each subject, entries >= 16.
         lesion_probability: Chance that a subject has a lesion, in [0, 1].
+        t1w_flip_deg: Range of the T1w's flip angle in degrees (see
+            :func:`make_phantom`: 20-30 makes the lesion visible in the T1w).
 
     Raises:
         DataError: A parameter is out of range (the message names it).
@@ -862,11 +894,13 @@ class PhantomDataset(Dataset):
         seed: int = 0,
         shape: tuple[int, int, int] = DEFAULT_SHAPE,
         lesion_probability: float = 0.7,
+        t1w_flip_deg: tuple[float, float] = T1W_SEQUENCE["flip_deg"],
     ) -> None:
         self.subjects = _check_count("subjects", subjects, 1)
         self.seed = _check_count("seed", seed, 0)
         self.shape = _check_shape(shape)
         self.lesion_probability = _check_probability(lesion_probability)
+        self.t1w_flip_deg = _check_flip_range(t1w_flip_deg)
         self._ids = {_subject_id(i): i for i in range(self.subjects)}
         self._cache: OrderedDict[str, SubjectVolumes] = OrderedDict()
 
@@ -893,6 +927,7 @@ class PhantomDataset(Dataset):
                 seed=self.seed,
                 shape=self.shape,
                 lesion_probability=self.lesion_probability,
+                t1w_flip_deg=self.t1w_flip_deg,
             )
             while len(self._cache) > self._CACHE_SIZE:
                 self._cache.popitem(last=False)
@@ -901,7 +936,7 @@ class PhantomDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"PhantomDataset(subjects={self.subjects}, seed={self.seed}, shape={self.shape}, "
-            f"lesion_probability={self.lesion_probability})"
+            f"lesion_probability={self.lesion_probability}, t1w_flip_deg={self.t1w_flip_deg})"
         )
 
 
