@@ -104,7 +104,7 @@ def sampler_options(config: Config, samples: int | None = None) -> SamplerOption
     return SamplerOptions(
         samples=table.max_samples if adaptive else samples if samples is not None else table.samples,
         tolerance=table.tolerance if adaptive else None,
-        min_samples=min(10, table.max_samples),
+        min_samples=min(SamplerOptions.min_samples, table.max_samples),  # the first round, within the cap
         variance_reduction=table.variance_reduction,
         seed=config.run.seed,
         memory_budget_mb=table.memory_budget_mb,

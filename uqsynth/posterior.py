@@ -380,13 +380,10 @@ class PosteriorSampler:
             cache = self._prefix(x) if options.cache_prefix else None
             for first in range(0, options.samples, samples_per_pass):
                 k = min(samples_per_pass, options.samples - first)
-                draws = self._draws(x, cache, k)
-                variance = self.likelihood.variance(draws)
+                draws, variance = self._read(self._draws(x, cache, k), n)
                 if variance is not None:
-                    variance = variance.to(accumulator).reshape(n, k, *variance.shape[1:]).sum(1)
+                    variance = variance.sum(1)
                     aleatoric = variance if aleatoric is None else aleatoric + variance
-                draws = self.likelihood.mean(draws)
-                draws = draws.reshape(n, k, *draws.shape[1:])
                 moments.update(draws, dim=1)
                 if keep:
                     kept.append(draws.to("cpu"))
@@ -461,14 +458,20 @@ class PosteriorSampler:
         # bf16/fp16 outputs are widened; float64 stays float64 (exactness tests rely on it)
         return draws.to(torch.promote_types(draws.dtype, torch.float32))
 
+    def _read(self, draws: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass of ``n`` slices read through the likelihood: means and aleatoric variances, ``(n, k, ...)``.
+
+        The variances (``None`` for a likelihood without them) are in the accumulator's dtype.
+        """
+        variance = self.likelihood.variance(draws)
+        if variance is not None:
+            variance = variance.to(getattr(torch, self.options.accumulator)).reshape(n, -1, *variance.shape[1:])
+        images = self.likelihood.mean(draws)
+        return images.reshape(n, -1, *images.shape[1:]), variance
+
     def _accumulate(self, draws, members, means, variances) -> None:
         """Add one pass's samples of the slices ``members`` to their running moments."""
-        n, accumulator = len(members), means[0].dtype
-        variance = self.likelihood.variance(draws)
-        images = self.likelihood.mean(draws)
-        images = images.reshape(n, -1, *images.shape[1:])
-        if variance is not None:
-            variance = variance.to(accumulator).reshape(n, -1, *variance.shape[1:])
+        images, variance = self._read(draws, len(members))
         for row, i in enumerate(members):
             means[i].update(images[row], dim=0)
             if variance is not None:

@@ -44,6 +44,7 @@ from torch import nn
 
 from uqsynth.errors import PluginError
 from uqsynth.layers.base import StochasticLayer, mask_shape
+from uqsynth.layers.designs import EVERY_DESIGN
 
 WEIGHT_TERMS = ("consuming", "preceding")
 
@@ -103,7 +104,7 @@ class ConcreteDropout(StochasticLayer):
         self._input_shape = tuple(x.shape[1:])
         return super().forward(x)
 
-    supported_designs = frozenset({"independent", "antithetic", "stratified"})
+    supported_designs = EVERY_DESIGN
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(self.p_logit).to(x.dtype)

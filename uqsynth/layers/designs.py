@@ -41,6 +41,10 @@ DesignKind = Literal["independent", "antithetic", "stratified"]
 #: The designs :class:`SampleDesign` can draw.
 DESIGNS: tuple[str, ...] = ("independent", "antithetic", "stratified")
 
+#: What a layer whose noise is all drawn by :meth:`StochasticLayer.uniform
+#: <uqsynth.layers.base.StochasticLayer.uniform>` declares as its ``supported_designs``.
+EVERY_DESIGN: frozenset[str] = frozenset(DESIGNS)
+
 
 @dataclass(frozen=True)
 class SampleDesign:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from uqsynth.layers.base import StochasticLayer, mask_shape
+from uqsynth.layers.designs import EVERY_DESIGN
 
 
 class MCDropout(StochasticLayer):
@@ -28,7 +29,7 @@ class MCDropout(StochasticLayer):
         self.p = float(p)
         self.channelwise = bool(channelwise)
 
-    supported_designs = frozenset({"independent", "antithetic", "stratified"})
+    supported_designs = EVERY_DESIGN
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:
         keep = 1.0 - self.p
