@@ -210,6 +210,11 @@ class SamplerOptions:
                 # share their squared deviations, so it would understate the std's error and stop early.
                 raise ValueError("adaptive T (tolerance) cannot use antithetic pairs; use stratified or none")
 
+    @property
+    def accumulator_dtype(self) -> torch.dtype:
+        """The torch dtype of the running moments (``accumulator`` names it)."""
+        return getattr(torch, self.accumulator)
+
     def describe(self) -> str:
         """``T=20``, or the adaptive rule, and the design if any: for log lines."""
         text = f"T={self.samples}" if self.tolerance is None else (
@@ -370,7 +375,7 @@ class PosteriorSampler:
     def _sample_chunk(self, chunk: torch.Tensor, samples_per_pass: int) -> Posterior:
         options = self.options
         n = chunk.shape[0]
-        accumulator = getattr(torch, options.accumulator)
+        accumulator = options.accumulator_dtype
         moments = StreamingMoments(dtype=accumulator)
         aleatoric: torch.Tensor | None = None  # the sum of the passes' likelihood variances
         kept: list[torch.Tensor] = []
@@ -405,7 +410,7 @@ class PosteriorSampler:
         """Rounds of passes until each slice's std map is within the tolerance (see :meth:`iter_chunks`)."""
         options = self.options
         n = chunk.shape[0]
-        accumulator = getattr(torch, options.accumulator)
+        accumulator = options.accumulator_dtype
         means = [StreamingMoments(dtype=accumulator, fourth=True) for _ in range(n)]
         variances = [StreamingMoments(dtype=accumulator) for _ in range(n)]  # of the passes' aleatoric variances
         errors = torch.full((n,), math.inf)
@@ -465,7 +470,7 @@ class PosteriorSampler:
         """
         variance = self.likelihood.variance(draws)
         if variance is not None:
-            variance = variance.to(getattr(torch, self.options.accumulator)).reshape(n, -1, *variance.shape[1:])
+            variance = variance.to(self.options.accumulator_dtype).reshape(n, -1, *variance.shape[1:])
         images = self.likelihood.mean(draws)
         return images.reshape(n, -1, *images.shape[1:]), variance
 
