@@ -139,6 +139,7 @@ def test_torchrun_smoke_with_two_cpu_processes(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "distributed: world size 2 (gloo)" in completed.stderr
     assert "effective batch" in completed.stderr
+    assert "train.parallel_arms = 3 does not apply under torchrun" in completed.stderr  # the phantom profile's
     metrics = json.loads((run / "metrics.json").read_text())
     split = json.loads((run / "split.json").read_text())
     for arm, numbers in metrics["arms"].items():

@@ -43,6 +43,7 @@ from uqsynth.distributed import SINGLE, World, close_world, init_world
 from uqsynth.errors import ConfigError, UserError
 from uqsynth.metrics import STD_FLOOR
 from uqsynth.plugins import PluginHost, get_host
+from uqsynth.parallel_arms import check_picklable, train_in_parallel, worker_threads
 from uqsynth.posterior import PosteriorSampler
 from uqsynth.inference import load_arm, posterior_maps, sampler_options, write_maps
 from uqsynth.run_directory import (
@@ -208,6 +209,17 @@ def prepare(context: RunContext) -> None:
     for arm_name, arm in config.arms.items():
         seed_everything(config.run.seed)  # every arm starts from the same weights
         context.models[arm_name] = build_arm(config, arm_name, context.host)
+    if trains_in_parallel(context):
+        check_picklable(context.models)
+
+
+def trains_in_parallel(context: RunContext) -> bool:
+    """Whether the arms train side by side in worker processes (``train.parallel_arms``, at most that many).
+
+    Not under torchrun, whose processes already share each arm's training
+    (data-parallel): the arms then train one after another.
+    """
+    return context.config.train.parallel_arms > 1 and len(context.config.arms) > 1 and not context.world.distributed
 
 
 def stage_train(context: RunContext) -> None:
@@ -215,6 +227,15 @@ def stage_train(context: RunContext) -> None:
     config, world = context.config, context.world
     if world.is_main:  # before training: a killed run still says what it was trained on
         atomic_write_text(context.out_dir / "split.json", run_inputs(context).dumps())
+    if world.distributed and config.train.parallel_arms > 1:
+        context.say(f"train: train.parallel_arms = {config.train.parallel_arms} does not apply under torchrun: "
+                    f"its {world.size} processes train each arm together, one arm after another")
+    if trains_in_parallel(context):
+        processes = min(config.train.parallel_arms, len(config.arms))
+        context.say(f"train: {len(config.arms)} arms, {processes} at a time, each in a process of its own "
+                    f"on {worker_threads(processes)} thread(s) (train.parallel_arms)")
+        train_in_parallel(config, context.models, context.train_set, context.out_dir, context.device)
+        return
     for arm_name in config.arms:
         arm_dir = context.out_dir / arm_name
         trainer = Trainer(

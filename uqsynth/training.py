@@ -260,6 +260,7 @@ class Trainer:
         device: torch.device,
         log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
         world: World = SINGLE,
+        progress: bool = True,
     ) -> None:
         self.config = config
         self.arm_name = arm_name
@@ -270,6 +271,7 @@ class Trainer:
         self.device = device
         self.world = world
         self.log = log if world.is_main else lambda line: None
+        self.progress = progress and world.is_main  # a step bar: one process alone draws on the terminal
         train = config.train
         self.lambda_kl = train.lambda_kl if self.arm.lambda_kl is None else self.arm.lambda_kl
         betas = tuple(train.betas)
@@ -426,7 +428,7 @@ class Trainer:
             totals: dict[str, float] = {}
             bar = tqdm(self.batches(epoch), total=steps, desc=f"{self.arm_name} {epoch}/{epochs}",
                        unit="step", leave=False, file=sys.stderr, dynamic_ncols=True,
-                       disable=not self.world.is_main)
+                       disable=not self.progress)
             count = 0
             try:
                 for batch in bar:
