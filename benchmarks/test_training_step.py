@@ -37,7 +37,9 @@ def phantom_arm(tmp_path_factory):
     host = get_host()
     # The phantom profile, explicitly (its fallback applies only where data/BraTS2018 is absent), on fewer subjects.
     profile = tomllib.loads(MAIN_JOB.read_text())["profiles"]["phantom"]
-    overrides = [f"{key}={json.dumps(value)}" for key, value in profile.items()] + ["data.phantom.subjects=6"]
+    overrides = [f"{key}={json.dumps(value)}" for key, value in profile.items()] + [
+        "data.phantom.subjects=6", 'calibration.calibrators=["isotonic"]',  # conformal_risk needs 9 subjects
+    ]
     config = load_config(MAIN_JOB, host=host, overrides=overrides)
     out = tmp_path_factory.mktemp("train-step")
     context = RunContext(config, host, out, torch.device("cpu"))

@@ -4,8 +4,9 @@ Why: the arms of a run are independent (each starts from the same seed and
 reads the same slices), and on a CPU the small networks of a phantom-scale
 run do not keep several cores busy. On the project's 2-core Xeon a phantom
 step of the concrete-Laplace arm (ngf 16, ndf 16) took 71 ms on two
-threads and 88 ms on one, so two arms on one thread each train about 1.6x
-faster than one after the other on two.
+threads and 88 ms on one, and the main job's three arms trained 1.36x
+faster side by side than one after another
+(``benchmarks/test_parallel_arms.py``).
 
 Each worker process is started with ``spawn`` (a forked child would inherit
 the parent's OpenMP thread pool, which GNU OpenMP does not survive), gets its
