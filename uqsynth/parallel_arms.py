@@ -50,8 +50,10 @@ def worker_threads(processes: int) -> int:
 def check_picklable(models: dict[str, ArmModels]) -> None:
     """Refuse, before anything is trained, networks that cannot be sent to a worker process.
 
-    A network class defined in a notebook or a script's ``__main__`` cannot be
-    imported by a spawned process; the sequential path trains it as it is.
+    A spawned process finds classes by their module's name: a class defined
+    inside a function, or typed into a notebook or a REPL (an ``__main__``
+    without a file), cannot be found there; the sequential path trains it
+    as it is.
 
     Raises:
         ConfigError: Naming the arm and the reason, and how to train it anyway.
