@@ -42,6 +42,11 @@ from uqsynth.errors import ConfigError
 from uqsynth.training import ArmModels, Trainer
 
 
+def worker_count(config: Config) -> int:
+    """How many worker processes train at once: ``train.parallel_arms``, no more than there are arms."""
+    return min(config.train.parallel_arms, len(config.arms))
+
+
 def worker_threads(processes: int) -> int:
     """Intra-op threads of each of ``processes`` workers: an equal share of this process's, at least one."""
     return max(1, torch.get_num_threads() // processes)
@@ -93,7 +98,7 @@ def train_in_parallel(
     On return every arm's networks in ``models`` hold their trained weights,
     as after :meth:`Trainer.fit` in this process.
     """
-    processes = min(config.train.parallel_arms, len(models))
+    processes = worker_count(config)
     threads = worker_threads(processes)
     context = multiprocessing.get_context("spawn")
     executor = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_worker,

@@ -43,7 +43,7 @@ from uqsynth.distributed import SINGLE, World, close_world, init_world
 from uqsynth.errors import ConfigError, UserError
 from uqsynth.metrics import STD_FLOOR
 from uqsynth.plugins import PluginHost, get_host
-from uqsynth.parallel_arms import check_picklable, train_in_parallel, worker_threads
+from uqsynth.parallel_arms import check_picklable, train_in_parallel, worker_count, worker_threads
 from uqsynth.posterior import PosteriorSampler
 from uqsynth.inference import load_arm, posterior_maps, sampler_options, write_maps
 from uqsynth.run_directory import (
@@ -231,7 +231,7 @@ def stage_train(context: RunContext) -> None:
         context.say(f"train: train.parallel_arms = {config.train.parallel_arms} does not apply under torchrun: "
                     f"its {world.size} processes train each arm together, one arm after another")
     if trains_in_parallel(context):
-        processes = min(config.train.parallel_arms, len(config.arms))
+        processes = worker_count(config)
         context.say(f"train: {len(config.arms)} arms, {processes} at a time, each in a process of its own "
                     f"on {worker_threads(processes)} thread(s) (train.parallel_arms)")
         train_in_parallel(config, context.models, context.train_set, context.out_dir, context.device)
