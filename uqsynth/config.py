@@ -174,6 +174,11 @@ class DataConfig:
         default=0.2, metadata={"doc": "Fraction of subjects held out for testing."}
     )
     test_subjects: list[str] = field(default_factory=list, metadata={"doc": "Explicit test ids (overrides test_fraction)."})
+    cache_mb: Annotated[int, Interval(0, None)] = field(
+        default=2048,
+        metadata={"doc": "Memory for the test and calibration subjects, kept after their first read so that "
+                         "later stages and arms do not read them again; 0 reads them every time."},
+    )
     fallback_profile: str | None = field(
         default=None,
         metadata={"doc": "Profile applied when data.root does not exist (unless data.root/source come from --set)."},

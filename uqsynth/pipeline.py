@@ -35,7 +35,7 @@ import torch
 import uqsynth
 from uqsynth._files import RECORD, atomic_write_text, recording
 from uqsynth.config import Config, PluginSpec, dumps_config, load_config
-from uqsynth.data.base import Dataset, RecordingDataset
+from uqsynth.data.base import CachedDataset, Dataset, RecordingDataset
 from uqsynth.data.slices import EvalVolume, TrainSlices, axial_subsample
 from uqsynth.data.split import Split, split_subjects
 from uqsynth.devices import resolve_device
@@ -180,8 +180,11 @@ def prepare(context: RunContext) -> None:
     config = context.config
     if context.world.distributed and config.train.sync_batchnorm and context.device.type != "cuda":
         raise ConfigError("train.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set it to false on CPUs")
-    context.dataset = build_dataset(config, context.host)
-    context.split = subject_split(config, context.dataset.subject_ids())
+    dataset = build_dataset(config, context.host)
+    context.split = subject_split(config, dataset.subject_ids())
+    # Read by every later stage and arm: kept in memory after their first read (data.cache_mb).
+    context.dataset = CachedDataset(dataset, {*context.split.test, *calibration_subjects(context)},
+                                    max_bytes=config.data.cache_mb * 2**20)
     check_calibration_subjects(context)
     for line in context.dataset.scan_summary():
         context.say(f"data: {line}")

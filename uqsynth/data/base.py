@@ -10,8 +10,9 @@ cropping, slice selection) is shared by all datasets and lives in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,75 @@ class RecordingDataset(Dataset):
     def scan_summary(self) -> list[str]:
         """The wrapped dataset's summary."""
         return self.dataset.scan_summary()
+
+
+def copy_volumes(volumes: SubjectVolumes) -> SubjectVolumes:
+    """A copy whose arrays (and lists, dicts) the caller may modify without changing ``volumes``."""
+    return replace(
+        volumes,
+        source=volumes.source.copy(),
+        target=volumes.target.copy(),
+        mask=volumes.mask.copy(),
+        affine=volumes.affine.copy(),
+        info=dict(volumes.info),
+        warnings=list(volumes.warnings),
+        regions=None if volumes.regions is None else volumes.regions.copy(),
+        region_names=dict(volumes.region_names),
+    )
+
+
+def volumes_bytes(volumes: SubjectVolumes) -> int:
+    """The memory of a subject's arrays."""
+    arrays = (volumes.source, volumes.target, volumes.mask, volumes.affine, volumes.regions)
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
+class CachedDataset(Dataset):
+    """A dataset that keeps the subjects in ``keep`` in memory after their first read, up to ``max_bytes``.
+
+    A run reads every test subject again in each stage and for each arm
+    (sampling, certificates, evaluation, the report's viewer) and every
+    calibration subject once per arm: on the phantom each read generates the
+    subject anew, on files it decompresses them. Kept subjects are read once
+    instead, and every stage then sees exactly the volumes the run checked
+    and digested before training. Each load returns a copy, so a consumer
+    that modifies its arrays does not change what the next one gets.
+
+    Subjects outside ``keep`` (the training subjects, read once) pass
+    through. When the budget is full the least recently used subject makes
+    room; one larger than the whole budget is not kept. ``max_bytes = 0``
+    keeps nothing.
+    """
+
+    def __init__(self, dataset: Dataset, keep: Iterable[str], max_bytes: int) -> None:
+        self.dataset = dataset
+        self.keep = frozenset(keep)
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[str, SubjectVolumes] = OrderedDict()
+        self._bytes = 0
+
+    def subject_ids(self) -> list[str]:
+        """The wrapped dataset's subject ids."""
+        return self.dataset.subject_ids()
+
+    def load(self, subject_id: str) -> SubjectVolumes:
+        """A copy of the kept subject, or the wrapped dataset's load (kept if it is one to keep and fits)."""
+        if subject_id in self._kept:
+            self._kept.move_to_end(subject_id)
+            return copy_volumes(self._kept[subject_id])
+        volumes = self.dataset.load(subject_id)
+        size = volumes_bytes(volumes)
+        if subject_id in self.keep and size <= self.max_bytes:
+            while self._bytes + size > self.max_bytes:
+                _, dropped = self._kept.popitem(last=False)
+                self._bytes -= volumes_bytes(dropped)
+            self._kept[subject_id] = copy_volumes(volumes)
+            self._bytes += size
+        return volumes
+
+    def scan_summary(self) -> list[str]:
+        """The wrapped dataset's summary."""
+        return self.dataset.scan_summary()
+
+    def __repr__(self) -> str:
+        return f"CachedDataset({self.dataset!r}, {len(self.keep)} subject(s) to keep, max_bytes={self.max_bytes})"

@@ -97,7 +97,7 @@ import numpy as np
 from scipy import ndimage
 
 from uqsynth._files import atomic_path
-from uqsynth.data.base import Dataset, SubjectVolumes
+from uqsynth.data.base import Dataset, SubjectVolumes, copy_volumes
 from uqsynth.errors import DataError
 
 __all__ = [
@@ -931,27 +931,13 @@ class PhantomDataset(Dataset):
             )
             while len(self._cache) > self._CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return _copy(self._cache[subject_id])
+        return copy_volumes(self._cache[subject_id])
 
     def __repr__(self) -> str:
         return (
             f"PhantomDataset(subjects={self.subjects}, seed={self.seed}, shape={self.shape}, "
             f"lesion_probability={self.lesion_probability}, t1w_flip_deg={self.t1w_flip_deg})"
         )
-
-
-def _copy(volumes: SubjectVolumes) -> SubjectVolumes:
-    """A copy whose arrays the caller may modify without corrupting the cache."""
-    return SubjectVolumes(
-        subject_id=volumes.subject_id,
-        source=volumes.source.copy(),
-        target=volumes.target.copy(),
-        mask=volumes.mask.copy(),
-        affine=volumes.affine.copy(),
-        info=dict(volumes.info),
-        regions=None if volumes.regions is None else volumes.regions.copy(),
-        region_names=dict(volumes.region_names),
-    )
 
 
 def write_subjects(
