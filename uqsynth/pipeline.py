@@ -593,7 +593,8 @@ def run_report(run_dir: str | Path) -> int:
     context = RunContext(config, host, run_dir, torch.device("cpu"), timing={
         k: v for k, v in timing.items() if k not in ("evaluate", "report")
     })
-    context.dataset = build_dataset(config, host)
+    # The test subjects are read for the digest check, the baseline, every arm and the viewer: once each.
+    context.dataset = CachedDataset(build_dataset(config, host), test_ids, max_bytes=config.data.cache_mb * 2**20)
     context.split = Split(train=list(split.get("train", [])), test=test_ids, calibration=list(split.get("calibration", [])))
     context.input_warnings = {str(k): list(v) for k, v in (split.get("input_warnings") or {}).items()}
     # The split this configuration gives the subjects the run recorded must be split.json's, and the test
